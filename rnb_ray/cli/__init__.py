@@ -1,0 +1,61 @@
+"""`rnb` — the command line. Thin: parse arguments, call the library, print RnbError without traceback.
+
+Each command lives in its own module here and exposes ``register(subparsers)``; the registered handler
+receives the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rnb_ray.errors import RnbError
+
+# Module name under rnb_ray.cli for each command group; a module may register several commands.
+COMMAND_MODULES = ("regroup", "train", "sweep", "pipeline", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnb",
+        description="R&B data mixing on Ray: regroup a corpus into domains, balance training across them.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"rnb_ray.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"rnb_ray.cli.{name}":
+                continue  # command group not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def add_address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to use (host:port, ray://host:10001 or 'auto'); default: RAY_ADDRESS or a new local Ray",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except RnbError as e:
+        print(f"rnb {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rnb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
