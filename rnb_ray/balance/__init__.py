@@ -1,0 +1,1 @@
+"""Balance: R&B mixture training on Ray Train."""

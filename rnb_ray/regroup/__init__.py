@@ -1,0 +1,1 @@
+"""Regroup: embed a corpus and cluster it into domains on Ray Data."""
