@@ -1,0 +1,1 @@
+"""Sweep the domain granularity k (and λ, strategy) with Ray Tune."""
