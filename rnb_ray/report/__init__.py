@@ -1,0 +1,1 @@
+"""Report: PNG plots and a self-contained HTML page for a pipeline or training run."""
