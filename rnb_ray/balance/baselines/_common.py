@@ -1,0 +1,112 @@
+"""Small pure helpers shared by the baseline strategies (numpy only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rnb_ray.errors import RnbError
+
+
+def normalize_log(logits: np.ndarray) -> np.ndarray:
+    """exp(logits) / sum(exp(logits)), computed stably (a softmax)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - np.max(z)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def multiplicative_update(p: np.ndarray, score: np.ndarray, eta: float) -> np.ndarray:
+    """Exponentiated-gradient step on the simplex: p_i ∝ p_i · exp(eta · score_i)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-300, None)
+    return normalize_log(np.log(p) + eta * np.asarray(score, dtype=np.float64))
+
+
+def target_weights(q: np.ndarray) -> np.ndarray:
+    """m · q: 1 for every domain when the evaluation set is balanced (the papers' uniform sum)."""
+    q = np.asarray(q, dtype=np.float64)
+    return q * len(q) / q.sum()
+
+
+def scaled(scores: np.ndarray, scale: str) -> np.ndarray:
+    """'raw' keeps the inner products; 'max' divides by the largest |score| so eta is scale-free."""
+    if scale == "raw":
+        return scores
+    top = float(np.max(np.abs(scores))) if scores.size else 0.0
+    return scores / top if top > 0 else scores
+
+
+def option(options: dict[str, Any], name: str, default: Any, kind: type, *, strategy: str) -> Any:
+    """Read one strategy option with a clear error naming it."""
+    value = options.pop(name, default)
+    if value is None or kind is object:
+        return value
+    try:
+        if kind is float:
+            out = float(value)
+            if not np.isfinite(out):
+                raise ValueError(value)
+            return out
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError(value)
+            return int(float(value))
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise RnbError(
+            f"strategy option '{name}' of {strategy} must be a {kind.__name__}, got {value!r}",
+            where="strategy_options",
+            fix=f"give {name} as a {kind.__name__}",
+        ) from None
+
+
+def reject_unknown(options: dict[str, Any], *, strategy: str, known: list[str]) -> None:
+    if options:
+        raise RnbError(
+            f"unknown strategy option(s) for {strategy}: {', '.join(sorted(options))}",
+            where="strategy_options",
+            fix=f"{strategy} accepts {', '.join(known)}",
+        )
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, strategy: str, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise RnbError(
+            f"strategy option '{name}' of {strategy} is {value}, outside {left}{lo}, {hi}{right}",
+            where="strategy_options",
+            fix=f"choose {name} in {left}{lo}, {hi}{right}",
+        )
+
+
+def alignment(grads: np.ndarray | None, target: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+    """<g_i, target> per domain; 0 for domains absent from the round (NaN rows). Reason when unusable."""
+    if grads is None:
+        return np.zeros(0), "no per-domain training gradients in this round"
+    if target is None:
+        return np.zeros(0), "no evaluation gradient in this round"
+    grads = np.asarray(grads, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if not np.all(np.isfinite(target)):
+        return np.zeros(0), "evaluation gradient is not finite"
+    present = np.all(np.isfinite(grads), axis=1)
+    if not present.any():
+        return np.zeros(0), "no domain had a finite gradient in this round"
+    if not np.any(target):
+        return np.zeros(0), "evaluation gradient is zero"
+    scores = np.zeros(grads.shape[0])
+    scores[present] = grads[present] @ target
+    return scores, None
