@@ -10,6 +10,8 @@ with a fixed seed, and writes, atomically:
     OUT/train.parquet     id, text, source    (source = category = original domain)
     OUT/heldout.parquet   id, text, source
     OUT/manifest.json     counts per category, dropped categories, seed, fraction, package version
+    OUT/tokenizer/        a byte-level BPE tokenizer (``--vocab-size``, default 4096) trained on the
+                          train split only — small vocabularies keep the benchmark LM's output layer cheap
 
     python benchmarks/fortunes.py --output data/fortunes [--heldout-frac 0.1] [--seed 0]
 
@@ -135,8 +137,24 @@ def package_version() -> str | None:
         return None
 
 
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
+    """Byte-level BPE on the training texts (deterministic), saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>", bos_token="<eos>")
+    fast.save_pretrained(str(out_dir))
+
+
 def build(output: Path, *, heldout_frac: float = 0.1, seed: int = 0, min_per_category: int = 20,
-          source: Path | None = None) -> dict:
+          source: Path | None = None, vocab_size: int = 4096) -> dict:
     """Write OUT/{train,heldout}.parquet and manifest.json atomically; returns the manifest."""
     if not 0 < heldout_frac < 1:
         raise FortunesError(f"--heldout-frac must be in (0, 1), got {heldout_frac}")
@@ -154,6 +172,7 @@ def build(output: Path, *, heldout_frac: float = 0.1, seed: int = 0, min_per_cat
         "seed": seed,
         "heldout_frac": heldout_frac,
         "min_per_category": min_per_category,
+        "tokenizer_vocab_size": vocab_size,
         "n_categories": len(info["counts"]),
         "n_train": len(train),
         "n_heldout": len(heldout),
@@ -167,6 +186,8 @@ def build(output: Path, *, heldout_frac: float = 0.1, seed: int = 0, min_per_cat
     try:
         pq.write_table(_table(train), tmp / "train.parquet")
         pq.write_table(_table(heldout), tmp / "heldout.parquet")
+        if vocab_size:
+            train_tokenizer([r["text"] for r in train], tmp / "tokenizer", vocab_size)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if output.exists():
             shutil.rmtree(output)
@@ -183,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-frac", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-per-category", type=int, default=20)
+    ap.add_argument("--vocab-size", type=int, default=4096, help="BPE tokenizer size (0: no tokenizer)")
     ap.add_argument("--source", type=Path, default=None, help="a directory of fortune files (default: the package)")
     args = ap.parse_args(argv)
     try:
         m = build(args.output, heldout_frac=args.heldout_frac, seed=args.seed,
-                  min_per_category=args.min_per_category, source=args.source)
+                  min_per_category=args.min_per_category, source=args.source,
+                  vocab_size=args.vocab_size)
     except FortunesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

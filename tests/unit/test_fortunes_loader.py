@@ -27,7 +27,8 @@ def test_parse_dedupe_split_and_write(tmp_path):
     src.mkdir()
     _write(src)
     assert fortunes.parse_entries("a\n%\n\n%\nb\nc\n%\n") == ["a", "b\nc"]
-    m = fortunes.build(tmp_path / "out", heldout_frac=0.25, seed=3, min_per_category=5, source=src)
+    m = fortunes.build(tmp_path / "out", heldout_frac=0.25, seed=3, min_per_category=5, source=src,
+                       vocab_size=300)
     train = pq.read_table(tmp_path / "out" / "train.parquet").to_pylist()
     held = pq.read_table(tmp_path / "out" / "heldout.parquet").to_pylist()
     texts = [r["text"] for r in train + held]
@@ -38,9 +39,15 @@ def test_parse_dedupe_split_and_write(tmp_path):
     assert m["counts"]["alpha"] == {"train": 17, "heldout": 6}  # 23 entries, round(0.25·23) = 6
     assert not {r["id"] for r in train} & {r["id"] for r in held}
     # fixed seed: the same split again; another seed: a different one
-    again = fortunes.build(tmp_path / "out2", heldout_frac=0.25, seed=3, min_per_category=5, source=src)
+    again = fortunes.build(tmp_path / "out2", heldout_frac=0.25, seed=3, min_per_category=5, source=src,
+                           vocab_size=0)
     assert again["counts"] == m["counts"]
     assert pq.read_table(tmp_path / "out2" / "heldout.parquet").to_pylist() == held
-    fortunes.build(tmp_path / "out3", heldout_frac=0.25, seed=4, min_per_category=5, source=src)
+    fortunes.build(tmp_path / "out3", heldout_frac=0.25, seed=4, min_per_category=5, source=src, vocab_size=0)
     assert pq.read_table(tmp_path / "out3" / "heldout.parquet").to_pylist() != held
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["n_heldout"] == len(held)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    ids = tok("two lines")["input_ids"]
+    assert ids and max(ids) < 300 and tok.decode(ids) == "two lines" and tok.pad_token == "<pad>"
