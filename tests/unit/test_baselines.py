@@ -220,8 +220,8 @@ def test_aioli_missing_losses_restart_the_learning_phase():
     s = Aioli(3, sizes=SIZES, q=Q3)
     p, _ = s.update(s.initial(), RoundStats(0, np.ones(3), eval_losses=np.array([2.0, 2.0, 2.0])))
     p, _ = s.update(p, RoundStats(1, np.ones(3), eval_losses=np.array([1.9, 1.8, 1.7])))
-    p, reason = s.update(p, RoundStats(2, np.ones(3), eval_losses=np.array([1.0, np.nan, 1.0])))
-    assert reason and "not finite" in reason
+    p, reason = s.update(p, RoundStats(2, np.ones(3), eval_losses=np.full(3, np.nan)))
+    assert reason and "no finite evaluation loss" in reason
     np.testing.assert_allclose(p, s.base)
     assert s.phase == "exploit" and s.mixtures == []
 
@@ -250,4 +250,28 @@ def test_every_state_dict_is_json(tmp_path):
         s = cls(3, sizes=SIZES, q=Q3)
         st = RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD, eval_losses=np.array([3.0, 2.0, 1.0]))
         s.update(s.initial(), st)
-        json.dumps(s.state_dict())
+        json.dumps(s.state_dict(), allow_nan=False)
+
+
+def test_domains_without_evaluation_examples_do_not_block_updates():
+    """A NaN evaluation loss (a domain with no evaluation examples, q_i = 0) is ignored, not a skip."""
+    q = np.array([0.5, 0.5, 0.0])
+    sk = SkillIt(3, sizes=SIZES, q=q, eta=1.0, window=1, graph="identity")
+    p, reason = sk.update(np.full(3, 1 / 3), RoundStats(0, np.ones(3), eval_losses=np.array([1.0, 2.0, np.nan])))
+    assert reason is None
+    np.testing.assert_allclose(p, normalized([math.exp(1.5), math.exp(3.0), 1.0]), rtol=1e-12)  # m·q = 1.5
+
+    a_true = np.array([[0.3, 0.1, 0.2], [0.0, 0.2, 0.1], [0.0, 0.0, 0.0]])
+    s = Aioli(3, sizes=SIZES, q=q, eta=1.0, normalize=False)
+    losses = np.array([4.0, 4.0, np.nan])
+    p = s.initial()
+    for r in range(4):
+        losses = losses - a_true @ p
+        p, reason = s.update(p, RoundStats(r, np.ones(3), eval_losses=losses.copy()))
+        assert reason is None
+        json.dumps(s.state_dict(), allow_nan=False)
+    np.testing.assert_allclose(s.A[:2], a_true[:2], atol=1e-10)
+    np.testing.assert_allclose(s.A[2], 0.0, atol=1e-10)
+    # objective weights m·q = [1.5, 1.5, 0]: p_j ∝ exp(1.5·(A_0j + A_1j))
+    want = normalized([math.exp(1.5 * 0.3), math.exp(1.5 * 0.3), math.exp(1.5 * 0.3)])
+    np.testing.assert_allclose(p, want, rtol=1e-9)

@@ -141,13 +141,17 @@ class Aioli(Strategy):
         if losses is None:
             return self._restart("no evaluation losses in this round")
         losses = np.asarray(losses, dtype=np.float64)
-        if losses.shape != (self.m,) or not np.all(np.isfinite(losses)):
-            return self._restart("evaluation losses are missing or not finite for some domain")
+        if losses.shape != (self.m,) or not np.any(np.isfinite(losses)):
+            return self._restart("no finite evaluation loss in this round")
+        # A domain without evaluation examples (NaN) gives no loss change: its row of A stays 0 (its
+        # evaluation weight m·q_i is 0 too, since q counts evaluation examples).
+        losses = np.where(np.isfinite(losses), losses, np.nan)
 
         if self.phase == "learn":
             assert self.before is not None
             self.mixtures.append(np.asarray(p, dtype=np.float64).tolist())
-            self.deltas.append((losses - np.asarray(self.before)).tolist())
+            delta = losses - np.asarray(self.before, dtype=np.float64)
+            self.deltas.append(np.where(np.isfinite(delta), delta, 0.0).tolist())
             self.before = losses.tolist()
             self.step += 1
             if self.step < self.m * self.sweeps:
@@ -173,7 +177,7 @@ class Aioli(Strategy):
             "phase": self.phase,
             "step": self.step,
             "cycle": self.cycle,
-            "before": self.before,
+            "before": None if self.before is None else [x if np.isfinite(x) else None for x in self.before],
             "mixtures": self.mixtures,
             "deltas": self.deltas,
             "A": None if self.A is None else self.A.tolist(),
@@ -184,7 +188,8 @@ class Aioli(Strategy):
         self.phase = str(state["phase"])
         self.step = int(state["step"])
         self.cycle = int(state["cycle"])
-        self.before = None if state["before"] is None else [float(x) for x in state["before"]]
+        before = state["before"]
+        self.before = None if before is None else [float("nan") if x is None else float(x) for x in before]
         self.mixtures = [list(map(float, r)) for r in state["mixtures"]]
         self.deltas = [list(map(float, r)) for r in state["deltas"]]
         self.A = None if state["A"] is None else np.asarray(state["A"], dtype=np.float64)

@@ -97,8 +97,10 @@ class SkillIt(Strategy):
         if losses is None:
             return p, "no evaluation losses in this round"
         losses = np.asarray(losses, dtype=np.float64)
-        if losses.shape != (self.m,) or not np.all(np.isfinite(losses)):
-            return p, "evaluation losses are missing or not finite for some domain"
+        if losses.shape != (self.m,) or not np.any(np.isfinite(losses)):
+            return p, "no finite evaluation loss in this round"
+        # A domain without evaluation examples (NaN) is not an evaluation skill: it contributes nothing.
+        losses = np.where(np.isfinite(losses), losses, 0.0)
         self.history = (self.history + [losses.tolist()])[-self.window :]
         summed = np.sum(np.asarray(self.history), axis=0) * target_weights(self.q)
         return normalize_log(self.eta * (self.graph @ summed)), None
