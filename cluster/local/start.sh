@@ -7,7 +7,8 @@
 # temp dir per node) and its own fixed ports; every worker node carries the custom resource
 # {"worker_node": 1} so work can be pinned to it and scheduling across nodes is real. The dashboard (and
 # so the job API) binds to 127.0.0.1 only, and token authentication is on (RAY_AUTH_MODE=token).
-# Running it again while the cluster is up prints where it runs and changes nothing.
+# Running it again while the cluster is up changes nothing, except that it restarts any worker node
+# whose raylet has died (as an autoscaler would replace a failed node); it says which.
 # Settings (ports, state dir) come from environment variables: see common.sh.
 set -euo pipefail
 # shellcheck source=common.sh
@@ -48,17 +49,81 @@ cpus_of_worker() {  # the i-th entry of --worker-cpus, the last one repeating
 gcs="127.0.0.1:$RNB_GCS_PORT"
 dashboard="http://127.0.0.1:$RNB_DASHBOARD_PORT"
 
+export RNB_LOCAL_CLUSTER="$RNB_CLUSTER_DIR"   # the marker stop.sh looks for (see common.sh)
+export RAY_DISABLE_USAGE_STATS=1
+# Job entrypoints say `python ...`: make that the interpreter the cluster itself runs on (the venv).
+PATH="$(dirname "$RNB_RAY"):$PATH"
+export PATH
+
+node_ports() {  # node_ports INDEX -> the fixed per-node ports as ray start flags
+    local b=$(( RNB_PORT_BASE + 10 * $1 )) w=$(( RNB_PORT_BASE + 100 * ($1 + 1) ))
+    echo "--node-manager-port=$b --object-manager-port=$((b + 1))" \
+         "--dashboard-agent-listen-port=$((b + 2)) --dashboard-agent-grpc-port=$((b + 3))" \
+         "--metrics-export-port=$((b + 4)) --runtime-env-agent-port=$((b + 5))" \
+         "--min-worker-port=$w --max-worker-port=$((w + 99))"
+}
+log="$RNB_CLUSTER_DIR/start.log"
+fail() {
+    echo "error: $1 (log: $log); stopping what was started" >&2
+    tail -n 20 "$log" >&2 || true
+    "$(dirname "${BASH_SOURCE[0]}")/stop.sh" >/dev/null 2>&1 || true
+    exit 1
+}
+
+raylet_alive() {  # raylet_alive NODE -> 0 when the raylet of node NODE (head, w1, ...) runs
+    local f cmd
+    for f in /proc/[0-9]*/cmdline; do
+        cmd=$(tr '\0' '\n' <"$f" 2>/dev/null) || continue
+        if [[ "${cmd%%$'\n'*}" == */raylet && "$cmd" == *"$RNB_CLUSTER_DIR/$1/"* ]]; then
+            return 0
+        fi
+    done
+    return 1
+}
+start_worker() {  # start_worker I
+    local i=$1 b=$(( RNB_PORT_BASE + 10 * $1 )) p
+    for _ in $(seq 1 20); do  # a killed node's agents may hold its ports for a moment
+        busy=0
+        for p in $(seq "$b" $(( b + 5 ))); do rnb_port_open "$p" && busy=1; done
+        (( busy == 0 )) && break
+        sleep 0.5
+    done
+    # shellcheck disable=SC2046  # node_ports emits separate flags on purpose; they hold only digits.
+    "$RNB_RAY" start --address="$gcs" \
+        --node-ip-address=127.0.0.1 \
+        --num-cpus="$(cpus_of_worker $(( i - 1 )))" --resources="{\"worker_node\": 1, \"worker_node_$i\": 1}" \
+        --object-store-memory=$(( object_store_mb * 1024 * 1024 )) \
+        --temp-dir="$RNB_CLUSTER_DIR/w$i" --disable-usage-stats \
+        $(node_ports "$i") >>"$log" 2>&1
+}
+
 # --- already running? ------------------------------------------------------------------------------
 if [[ -f "$RNB_STATE_FILE" ]] && [[ -n "$(rnb_cluster_pids)" ]]; then
-    if rnb_port_open "$RNB_GCS_PORT"; then
-        echo "rnb local cluster already running (state: $RNB_STATE_FILE)"
-        echo "  RAY_ADDRESS=$gcs   dashboard/jobs: $dashboard"
-        echo "  stop it with cluster/local/stop.sh (same RNB_CLUSTER_DIR)"
-        exit 0
+    if ! rnb_port_open "$RNB_GCS_PORT"; then
+        echo "error: processes of the cluster in $RNB_CLUSTER_DIR are alive but its GCS port" \
+             "$RNB_GCS_PORT does not answer; run cluster/local/stop.sh first" >&2
+        exit 1
     fi
-    echo "error: processes of the cluster in $RNB_CLUSTER_DIR are alive but its GCS port $RNB_GCS_PORT" \
-         "does not answer; run cluster/local/stop.sh first" >&2
-    exit 1
+    # The cluster's own shape wins over this call's flags: re-read it from the state file.
+    workers=$(grep '^RNB_WORKERS=' "$RNB_STATE_FILE" | cut -d= -f2)
+    worker_cpus=$(grep '^RNB_WORKER_CPUS=' "$RNB_STATE_FILE" | cut -d= -f2)
+    object_store_mb=$(grep '^RNB_OBJECT_STORE_MB=' "$RNB_STATE_FILE" | cut -d= -f2)
+    IFS=',' read -r -a cpu_list <<<"$worker_cpus"
+    restarted=()
+    for (( i = 1; i <= workers; i++ )); do
+        if ! raylet_alive "w$i"; then
+            start_worker "$i" || { echo "error: could not restart worker node $i (log: $log)" >&2; exit 1; }
+            restarted+=("w$i")
+        fi
+    done
+    if (( ${#restarted[@]} )); then
+        echo "rnb local cluster was running; restarted dead worker node(s): ${restarted[*]}"
+    else
+        echo "rnb local cluster already running (state: $RNB_STATE_FILE); nothing to do"
+    fi
+    echo "  RAY_ADDRESS=$gcs   dashboard/jobs: $dashboard"
+    echo "  stop it with cluster/local/stop.sh (same RNB_CLUSTER_DIR)"
+    exit 0
 fi
 for p in "$RNB_GCS_PORT" "$RNB_DASHBOARD_PORT" "$RNB_CLIENT_PORT"; do
     if rnb_port_open "$p"; then
@@ -79,27 +144,7 @@ if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
 fi
 
 mkdir -p "$RNB_CLUSTER_DIR"
-export RNB_LOCAL_CLUSTER="$RNB_CLUSTER_DIR"   # the marker stop.sh looks for (see common.sh)
-export RAY_DISABLE_USAGE_STATS=1
-# Job entrypoints say `python ...`: make that the interpreter the cluster itself runs on (the venv).
-PATH="$(dirname "$RNB_RAY"):$PATH"
-export PATH
-
-node_ports() {  # node_ports INDEX -> the fixed per-node ports as ray start flags
-    local b=$(( RNB_PORT_BASE + 10 * $1 )) w=$(( RNB_PORT_BASE + 100 * ($1 + 1) ))
-    echo "--node-manager-port=$b --object-manager-port=$((b + 1))" \
-         "--dashboard-agent-listen-port=$((b + 2)) --dashboard-agent-grpc-port=$((b + 3))" \
-         "--metrics-export-port=$((b + 4)) --runtime-env-agent-port=$((b + 5))" \
-         "--min-worker-port=$w --max-worker-port=$((w + 99))"
-}
-log="$RNB_CLUSTER_DIR/start.log"
 : >"$log"
-fail() {
-    echo "error: $1 (log: $log); stopping what was started" >&2
-    tail -n 20 "$log" >&2 || true
-    "$(dirname "${BASH_SOURCE[0]}")/stop.sh" >/dev/null 2>&1 || true
-    exit 1
-}
 
 # --- head ------------------------------------------------------------------------------------------
 # shellcheck disable=SC2046  # node_ports emits separate flags on purpose; they hold only digits.
@@ -114,13 +159,7 @@ fail() {
 
 # --- worker nodes ----------------------------------------------------------------------------------
 for (( i = 1; i <= workers; i++ )); do
-    # shellcheck disable=SC2046
-    "$RNB_RAY" start --address="$gcs" \
-        --node-ip-address=127.0.0.1 \
-        --num-cpus="$(cpus_of_worker $(( i - 1 )))" --resources="{\"worker_node\": 1, \"worker_node_$i\": 1}" \
-        --object-store-memory=$(( object_store_mb * 1024 * 1024 )) \
-        --temp-dir="$RNB_CLUSTER_DIR/w$i" --disable-usage-stats \
-        $(node_ports "$i") >>"$log" 2>&1 || fail "worker node $i did not start"
+    start_worker "$i" || fail "worker node $i did not start"
 done
 
 # --- wait until every node is registered and the job API answers -----------------------------------
@@ -144,6 +183,7 @@ RNB_WORKERS=$workers
 RNB_HEAD_CPUS=$head_cpus
 RNB_WORKER_CPUS=$worker_cpus
 RNB_PORT_BASE=$RNB_PORT_BASE
+RNB_OBJECT_STORE_MB=$object_store_mb
 EOF
 
 echo "rnb local cluster up: head ($head_cpus CPU) + $workers worker node(s) (CPUs: $worker_cpus)"
