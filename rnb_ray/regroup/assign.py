@@ -1,0 +1,162 @@
+"""``assign``: give new documents the domains of an earlier regroup (nearest training centroid).
+
+The paper assigns evaluation data to the *training* centroids rather than clustering it separately (a
+cluster without training data could not be sampled). Documents are embedded with the regroup's model,
+in the same Ray Data actor pool, and written like the regroup output:
+
+    OUT/data/domain=<id>/part-*.parquet   every input column + ``domain`` (int64)
+    OUT/assignment.json                   {"domains", "input", "k", "n_documents", "n_dropped_empty",
+                                           "n_replaced_utf8", "sizes": {"<id>": n}}
+
+Empty texts are dropped and counted, as in regroup.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rnb_ray.corpus import (
+    INTERNAL_COLUMNS,
+    REPLACED,
+    ROW_ID,
+    atomic_output_dir,
+    check_output_dir,
+    open_corpus,
+    rnb_errors_from_ray,
+)
+from rnb_ray.errors import RnbError
+from rnb_ray.regroup import kmeans as km
+from rnb_ray.regroup.distributed import ordered_execution
+from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
+from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS
+
+_REQUIRED = ("k", "model", "metric", "centroids", "text_column")
+
+
+def load_domains(domains_json: str | Path) -> tuple[dict, np.ndarray]:
+    """domains.json and its centroids, checked."""
+    p = Path(domains_json).expanduser()
+    if not p.is_file():
+        raise RnbError(f"domains file {p} does not exist", where=str(p), fix="pass OUT/domains.json of an rnb regroup run")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RnbError(f"domains file {p} is not valid JSON: {e}", where=str(p)) from e
+    missing = [f for f in _REQUIRED if f not in doc]
+    if missing:
+        raise RnbError(f"domains file {p} lacks {', '.join(missing)}", where=str(p),
+                       fix="pass the domains.json written by rnb regroup")
+    cpath = p.parent / doc["centroids"]
+    if not cpath.is_file():
+        raise RnbError(f"centroids file {cpath} named by {p} does not exist", where=str(cpath))
+    C = np.load(cpath)
+    if C.ndim != 2 or C.shape[0] != doc["k"]:
+        raise RnbError(f"centroids {cpath} have shape {C.shape}, expected ({doc['k']}, d)", where=str(cpath))
+    return doc, C
+
+
+def _model_for(doc: dict) -> ModelRef:
+    """The regroup's model: its local path when that still exists (e.g. same machine), else its name."""
+    path = doc.get("model_path")
+    if path and Path(path).is_dir():
+        return ModelRef(doc["model"], path)
+    if doc["model"] == resolve_model(None).name:
+        return resolve_model(None)  # the bundled default, wherever this install put it
+    return resolve_model(doc["model"])
+
+
+def validate_assign(domains_json: str | Path, input: str | Path, output: str | Path, *,
+                    text_column: str | None = None, overwrite: bool = False):
+    """All checks that need no Ray; returns (domains doc, centroids, corpus, model)."""
+    doc, C = load_domains(domains_json)
+    check_output_dir(output, overwrite)
+    model = _model_for(doc)
+    corpus = open_corpus(input, text_column or doc["text_column"])
+    return doc, C, corpus, model
+
+
+def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metric: str) -> pa.Table:
+    empty = batch.column(EMPTY).to_numpy(zero_copy_only=False)
+    replaced = int(np.count_nonzero(batch.column(REPLACED).to_numpy(zero_copy_only=False)))
+    kept = batch.filter(pa.array(~empty))
+    ids = batch.column(ROW_ID).to_numpy()
+    stats: dict[str, Any] = {"rows": kept.num_rows, "dropped": int(empty.sum()), "replaced": replaced,
+                             "sizes": [0] * len(centroids)}
+    if kept.num_rows:
+        E = embeddings_numpy(kept.column(EMBEDDING))
+        labels, _ = km.assign(E, centroids, metric)  # type: ignore[arg-type]
+        stats["sizes"] = np.bincount(labels, minlength=len(centroids)).tolist()
+        out = kept.drop_columns([c for c in (*INTERNAL_COLUMNS, EMBEDDING, EMPTY) if c in kept.column_names])
+        if DOMAIN in out.column_names:
+            out = out.rename_columns([RENAMED_DOMAIN if c == DOMAIN else c for c in out.column_names])
+        out = out.append_column(DOMAIN, pa.array(labels, pa.int64()))
+        name = f"part-{int(ids.min()):020d}.parquet"
+        for d in np.unique(labels):
+            target = Path(data_dir) / f"{DOMAIN}={int(d)}"
+            target.mkdir(parents=True, exist_ok=True)
+            pq.write_table(out.filter(pa.array(labels == d)), target / name)
+    return pa.table({"stats": pa.array([pickle.dumps(stats)], pa.large_binary())})
+
+
+def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, text_column: str | None = None,
+           overwrite: bool = False, embed_batch_size: int = 128, embed_actors: int | None = None,
+           embed_threads: int = 1) -> dict:
+    """Embed ``input`` with the regroup's model and write it with the nearest centroid's ``domain``.
+
+    Args:
+        domains_json: ``OUT/domains.json`` of an ``rnb regroup`` run (its ``centroids.npy`` beside it).
+        input: parquet/jsonl/csv file or directory.
+        output: directory to write (atomically): ``data/domain=<id>/`` and ``assignment.json``.
+        text_column: text column of ``input``; default: the regroup's.
+        overwrite: replace a non-empty ``output``.
+
+    Returns:
+        The ``assignment.json`` content. Ray must be initialised.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from rnb_ray.ray_env import require_resources
+
+    doc, C, corpus, model = validate_assign(domains_json, input, output, text_column=text_column,
+                                            overwrite=overwrite)
+    if embed_batch_size < 1 or embed_threads < 1 or (embed_actors is not None and embed_actors < 1):
+        raise RnbError("embed_batch_size, embed_threads and embed_actors must be at least 1")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = embed_actors or max(1, cpus // embed_threads)
+    require_resources(cpus=actors * embed_threads, what=f"embedding ({actors} actor(s) × {embed_threads} CPU)")
+    totals = {"rows": 0, "dropped": 0, "replaced": 0}
+    sizes = np.zeros(len(C), dtype=np.int64)
+    with atomic_output_dir(output, overwrite) as tmp:
+        with rnb_errors_from_ray(), ordered_execution():
+            ds = corpus.dataset().map_batches(
+                Embedder,
+                fn_constructor_kwargs={"model_path": model.path, "text_column": corpus.text_column,
+                                       "threads": embed_threads, "batch_size": embed_batch_size},
+                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1), num_cpus=embed_threads, batch_size=embed_batch_size,
+                batch_format="pyarrow",
+            ).map_batches(_assign_write, fn_kwargs={"data_dir": str(tmp / "data"), "centroids": C.astype(np.float64),
+                                                    "metric": doc["metric"]},
+                          batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=0)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for blob in batch.column("stats").to_pylist():
+                    s = pickle.loads(blob)
+                    for name in totals:
+                        totals[name] += s[name]
+                    sizes += np.asarray(s["sizes"], dtype=np.int64)
+        if totals["rows"] == 0:
+            raise RnbError(f"every text in column {corpus.text_column!r} of {input} is empty or whitespace",
+                           where=f"{input}:{corpus.text_column}", fix="check --text-column, or the input content")
+        result = {"domains": str(Path(domains_json).expanduser().absolute()), "input": str(input), "k": int(doc["k"]),
+                  "model": doc["model"], "metric": doc["metric"], "text_column": corpus.text_column,
+                  "n_documents": totals["rows"], "n_dropped_empty": totals["dropped"],
+                  "n_replaced_utf8": totals["replaced"], "sizes": {str(d): int(sizes[d]) for d in range(len(C))}}
+        (tmp / "assignment.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
