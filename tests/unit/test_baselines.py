@@ -134,8 +134,8 @@ def test_skillit_given_graph_window_formula():
 def test_skillit_gradient_graph_from_training_gradients():
     s = SkillIt(3, sizes=SIZES, q=Q3, eta=1.0, window=1)
     assert s.needs_train_grads is True
-    # Gram of GRADS: [[1,0,-1],[0,4,2],[-1,2,2]]; max|.| = 4; clip negatives
-    graph = [[0.25, 0, 0], [0, 1.0, 0.5], [0, 0.5, 0.5]]
+    # Gram of GRADS: [[1,0,-1],[0,4,2],[-1,2,2]]; clip negatives, rows normalised to sum 1
+    graph = [[1.0, 0, 0], [0, 4 / 6, 2 / 6], [0, 0.5, 0.5]]
     losses = [1.0, 2.0, 4.0]
     p, _ = s.update(np.full(3, 1 / 3), RoundStats(0, np.ones(3), grads=GRADS, eval_losses=np.array(losses)))
     want = normalized([math.exp(sum(graph[i][j] * losses[j] for j in range(3))) for i in range(3)])
@@ -275,3 +275,17 @@ def test_domains_without_evaluation_examples_do_not_block_updates():
     # objective weights m·q = [1.5, 1.5, 0]: p_j ∝ exp(1.5·(A_0j + A_1j))
     want = normalized([math.exp(1.5 * 0.3), math.exp(1.5 * 0.3), math.exp(1.5 * 0.3)])
     np.testing.assert_allclose(p, want, rtol=1e-9)
+
+
+def test_skillit_gradient_graph_keeps_absent_domains_previous_edges():
+    from rnb_ray.balance.baselines.skillit import gradient_graph
+
+    first = gradient_graph(GRADS, np.eye(3))
+    grads = GRADS.copy()
+    grads[0] = np.nan  # domain 0 absent: its row/column keep the first round's values
+    grads[2] = [0.0, 1.0]
+    second = gradient_graph(grads, first)
+    np.testing.assert_allclose(second[0], first[0])
+    np.testing.assert_allclose(second[:, 0], first[:, 0])
+    # domains 1, 2 now: Gram [[4, 2], [2, 1]] -> rows [4/6, 2/6], [2/3, 1/3]
+    np.testing.assert_allclose(second[np.ix_([1, 2], [1, 2])], [[4 / 6, 2 / 6], [2 / 3, 1 / 3]])

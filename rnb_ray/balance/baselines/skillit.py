@@ -14,8 +14,9 @@ change of every skill (m extra short runs). That offline step has no place in on
 
 * ``"gradient"`` (default) — the first-order version of that measurement, from the *training* gradients
   the run already captures: one small step on skill i changes the loss of skill j by -lr⟨∇ℓ_i, ∇ℓ_j⟩,
-  so A_ij = max(0, ⟨g_i, g_j⟩) / max_kl |⟨g_k, g_l⟩|, re-estimated every round (pairs involving a
-  domain absent from the round keep their previous value; the start is the identity). No extra pass.
+  so A_ij ∝ max(0, ⟨g_i, g_j⟩), each row normalised to sum 1 (so η does not scale with the number of
+  domains), re-estimated every round (pairs involving a domain absent from the round keep their
+  previous value; the start is the identity). No extra pass.
 * ``"identity"`` — no transfer between skills (the paper's "no graph" ablation): p ∝ exp(η Σ_τ L(τ)).
 * a matrix (nested list, or a .npy/.json path) — a graph you estimated yourself, used as given.
 
@@ -41,18 +42,22 @@ from rnb_ray.errors import RnbError
 
 
 def gradient_graph(grads: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """A_ij = max(0, <g_i, g_j>) / max|<g_k, g_l>| over present domains; absent pairs keep ``previous``."""
+    """Row-normalised first-order skills graph: A_ij = max(0, <g_i, g_j>) / Σ_k max(0, <g_i, g_k>).
+
+    Computed over the domains present in the round; rows and columns of absent domains keep ``previous``.
+    Each row sums to 1 (where domain i helps anyone at all), so Σ_j A_ij L_j is a weighted *average* of
+    losses and η keeps the same meaning whatever the number of domains.
+    """
     grads = np.asarray(grads, dtype=np.float64)
     present = np.all(np.isfinite(grads), axis=1)
     graph = previous.copy()
     if not present.any():
         return graph
     idx = np.flatnonzero(present)
-    gram = grads[idx] @ grads[idx].T
-    top = float(np.max(np.abs(gram)))
-    if top <= 0:
-        return graph
-    graph[np.ix_(idx, idx)] = np.maximum(gram, 0.0) / top
+    pos = np.maximum(grads[idx] @ grads[idx].T, 0.0)
+    rows = pos.sum(axis=1, keepdims=True)
+    block = np.where(rows > 0, pos / np.where(rows > 0, rows, 1.0), graph[np.ix_(idx, idx)])
+    graph[np.ix_(idx, idx)] = block
     return graph
 
 
