@@ -16,8 +16,8 @@ from rnb_ray.errors import RnbError
 
 # Settings that may differ between a run and its ``--resume`` (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "eval_every", "checkpoint_every", "max_failures", "round_timeout_s", "log_every", "resume",
-     "output"}
+    {"steps", "stop_after", "eval_every", "checkpoint_every", "max_failures", "round_timeout_s", "log_every",
+     "resume", "output", "debug_dump_rounds"}
 )
 
 
@@ -43,7 +43,9 @@ class TrainConfig:
     eval_max_per_domain: int = field(default=64, metadata={"help": "evaluation examples per domain used for eval losses"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (nccl) instead of CPU (gloo)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps (also the learning-rate schedule's length)"})
+    stop_after: int = field(default=0, metadata={"help": "stop with a checkpoint after this many steps, to continue "
+                                                 "later with --resume (0: run all steps)"})
     batch_size: int = field(default=16, metadata={"help": "examples per worker per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per example (longer examples are truncated)"})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate (peak; linear warmup then cosine to 10%)"})
@@ -124,7 +126,10 @@ class TrainConfig:
             raise bad("n_embd", f"({self.n_embd}) is not a multiple of n_head ({self.n_head})", "adjust n_embd or n_head")
         if not self.lr > 0:
             raise bad("lr", f"is {self.lr}", "use a positive learning rate")
-        for name in ("warmup_steps", "checkpoint_every", "max_failures", "sketch_dim", "debug_dump_rounds"):
+        if self.stop_after and (self.stop_after % self.update_every or self.stop_after >= self.steps):
+            raise bad("stop_after", f"({self.stop_after}) must be a multiple of update_every ({self.update_every}) "
+                      f"and below steps ({self.steps})", "pick a round boundary before the end, or 0")
+        for name in ("warmup_steps", "stop_after", "checkpoint_every", "max_failures", "sketch_dim", "debug_dump_rounds"):
             if getattr(self, name) < 0:
                 raise bad(name, f"is {getattr(self, name)}", f"use {name} >= 0")
         if self.checkpoint_every and self.checkpoint_every % self.update_every:

@@ -414,7 +414,8 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
     round_ = start // K
     dumps = cfg.run_dir / "debug"
     model.train()
-    for step in range(start, cfg.steps):
+    end = cfg.stop_after if cfg.stop_after and start < cfg.stop_after else cfg.steps
+    for step in range(start, end):
         t_step = time.perf_counter()
         cap_s0 = capture.seconds if capture else 0.0
         texts, doms = sampler.next_batch(p, B)
@@ -423,6 +424,8 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             dumps.mkdir(parents=True, exist_ok=True)
             np.savez(dumps / f"round_{round_:04d}_step_{step:06d}_rank_{rank}.npz", input_ids=ids.cpu().numpy(),
                      attention_mask=am.cpu().numpy(), domains=doms)
+            if rank == 0:  # the weights this step's gradients are taken at (identical on every rank)
+                torch.save(raw_model.state_dict(), dumps / f"round_{round_:04d}_step_{step:06d}_model.pt")
         if capture is not None and flags["needs_train_grads"]:
             capture.begin(torch.as_tensor(doms), grad_token_mask(am), scale=B)
         with autocast:
@@ -468,6 +471,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
 
         # ------------------------------------------------------------ evaluation
         final = done == cfg.steps
+        stopping = done == end
         evaluated = False
         if done % cfg.eval_every == 0 or final:
             sums, counts, _ = _evaluate(model, tok, eval_texts, cfg, ctx, n_params)
@@ -475,7 +479,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             evaluated = True
 
         # ------------------------------------------------------------ logging
-        if done % cfg.log_every == 0 or done % K == 0 or evaluated or final:
+        if done % cfg.log_every == 0 or done % K == 0 or evaluated or stopping:
             vec = torch.tensor([loss_sum, loss_n, totals.tokens, totals.tokens_padded, totals.flops_capture
                                 + (capture.flops if capture else 0), totals.extra_flops], dtype=torch.float64,
                                device=device)
@@ -499,7 +503,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             loss_sum, loss_n = 0.0, 0
 
         # ------------------------------------------------------------ checkpoint
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
             _checkpoint(ctx, mixer, raw_model, opt, sched, sampler, totals, capture, p, pending, done, world,
                         rank, cfg.stale)
             if cfg.stale and pending is not None and not isinstance(pending, int):
@@ -510,7 +514,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
     summary: dict[str, Any] = {}
     if rank == 0:
         ev = last_eval or (float("nan"), {})
-        summary = {"steps": cfg.steps, "final_eval_loss": ev[0], "eval_loss_by_domain": ev[1],
+        summary = {"steps": end, "steps_planned": cfg.steps, "final_eval_loss": ev[0], "eval_loss_by_domain": ev[1],
                    "final_train_loss": last_row["train_loss"] if last_row else None}
         if last_row:
             summary.update({k: v for k, v in last_row.items()
