@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import uuid
@@ -151,7 +152,8 @@ def _head_bytes(path: Path, limit: int) -> bytes:
     return data
 
 
-def _read_json_bytes(data: bytes, where: str, schema: pa.Schema | None = None) -> pa.Table:
+def _read_json_bytes(data: bytes, where: str, schema: pa.Schema | None = None, first_line: int = 1) -> pa.Table:
+    """Parse JSON Lines bytes (blank lines skipped); errors name the file and its line number."""
     lines = [ln for ln in data.split(b"\n") if ln.strip()]
     if not lines:
         return pa.table({})
@@ -159,8 +161,21 @@ def _read_json_bytes(data: bytes, where: str, schema: pa.Schema | None = None) -
     try:
         return pajson.read_json(io.BytesIO(b"\n".join(lines)), parse_options=opts)
     except pa.ArrowInvalid as e:
-        raise RnbError(f"file {where} is not valid JSON Lines: {e}", where=where,
-                       fix="one JSON object per line; fix or remove the bad line") from e
+        line, detail = None, str(e)
+        for i, ln in enumerate(data.split(b"\n")):  # find the culprit ourselves: pyarrow counts per block
+            if not ln.strip():
+                continue
+            try:
+                if not isinstance(json.loads(ln), dict):
+                    line, detail = first_line + i, "not a JSON object"
+                    break
+            except ValueError as je:
+                line, detail = first_line + i, str(je)
+                break
+        at = f"{where}:{line}" if line else where
+        raise RnbError(f"file {where} is not valid JSON Lines: line {line}: {detail}" if line else
+                       f"file {where} is not valid JSON Lines: {detail}", where=at,
+                       fix="one JSON object per line with consistent field types; fix or remove the bad line") from e
 
 
 def _jsonl_schema(path: Path, limit: int) -> tuple[pa.Schema, bool]:
@@ -347,6 +362,7 @@ def _iter_parquet(fragment: Fragment, schema: pa.Schema, columns: list[str] | No
 
 def _iter_jsonl(fragment: Fragment, schema: pa.Schema, columns: list[str] | None) -> Iterator[pa.Table]:
     start = 0
+    line_no = 1  # file line number of the first line of the current chunk
     tail = b""
     with pa.input_stream(fragment.path) as f:
         while True:
@@ -372,12 +388,13 @@ def _iter_jsonl(fragment: Fragment, schema: pa.Schema, columns: list[str] | None
                             ln.decode("utf-8")
                         except UnicodeDecodeError:
                             replaced[r] = True
-                table = _read_json_bytes(b"\n".join(lines), fragment.path, schema)
+                table = _read_json_bytes(data, fragment.path, schema, line_no)
                 if table.num_rows != len(lines):
                     raise RnbError(f"file {fragment.path}: {len(lines)} lines parsed into {table.num_rows} rows",
                                    where=fragment.path, fix="one JSON object per line")
                 yield _finish(table, schema, columns, fragment, start, replaced)
                 start += table.num_rows
+            line_no += data.count(b"\n")
             if eof:
                 return
 
@@ -457,7 +474,7 @@ def find_rnb_error(exc: BaseException) -> RnbError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RnbError):
+        if type(e) is RnbError:
             return e
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     return None
@@ -468,9 +485,10 @@ def rnb_errors_from_ray() -> Iterator[None]:
     """Re-raise an RnbError that happened inside Ray tasks as itself (the CLI prints it cleanly)."""
     try:
         yield
-    except RnbError:
-        raise
     except Exception as e:
+        if type(e) is RnbError:
+            raise
+        # Ray re-raises a task's error as RayTaskError(RnbError), a subclass carrying Ray's traceback text
         inner = find_rnb_error(e)
         if inner is not None:
             raise RnbError(inner.what, where=inner.where, fix=inner.fix) from e

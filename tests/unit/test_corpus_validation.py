@@ -131,7 +131,7 @@ def test_malformed_jsonl_head(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": oops}\n')
     code, err = regroup_cli(tmp_path, capsys, input_path=p)
-    assert_refused(code, err, tmp_path, "bad.jsonl", "JSON")
+    assert_refused(code, err, tmp_path, "bad.jsonl:2", "JSON")
 
 
 @pytest.mark.parametrize("k", ["0", "-3"])
