@@ -16,11 +16,18 @@ _WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    """An explicit host:port must answer within seconds; ray.init would otherwise retry for a long time."""
-    target = address
-    for prefix in ("ray://", "http://", "https://"):
-        if target.startswith(prefix):
-            target = target[len(prefix):]
+    """An explicit host:port must answer within seconds, and not be the dashboard's HTTP port.
+
+    ray.init would otherwise retry for a long time, and pointed at the dashboard/job API port (8265, the
+    address `ray job submit` takes) it waits for a GCS reply that never comes.
+    """
+    if address.startswith(("http://", "https://")):
+        raise RnbError(
+            f"{address} is an HTTP address (the Ray dashboard / job API), not a cluster address",
+            fix="pass the GCS address host:6379 (or ray://host:10001) to --address, or run the job through "
+                f"the job API: `ray job submit --address {address} -- python jobs/<stage>.py ...`",
+        )
+    target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise RnbError(
@@ -28,13 +35,35 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
             fix="pass e.g. --address 127.0.0.1:6379 (GCS), ray://host:10001, or 'auto'",
         )
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            # A GCS (gRPC) answers this with a binary HTTP/2 frame; the dashboard answers "HTTP/1.x ...".
+            sock.settimeout(timeout_s)
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            try:
+                reply = sock.recv(8)
+            except OSError:
+                reply = b""
     except OSError as e:
         raise RnbError(
             f"no Ray cluster answers at {address} ({e.strerror or e})",
             fix="start one with `ray start --head` (or cluster/local/start.sh) or fix --address",
         ) from e
+    if reply.startswith(b"HTTP/"):
+        raise RnbError(
+            f"{address} answers HTTP: it is the Ray dashboard / job API (or another web server), "
+            "not the cluster's GCS",
+            fix=f"pass the GCS address (port 6379 by default) to --address, or submit through the job API: "
+                f"`ray job submit --address http://{host}:{port} -- python jobs/<stage>.py ...`",
+        )
+
+
+def job_driver_node() -> str | None:
+    """Inside a Ray job's driver: the node it runs on (its local paths are that node's), else None."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray's job supervisor for the driver
+        return None
+    from ray.util import get_node_ip_address
+
+    return f"{socket.gethostname()} ({get_node_ip_address()})"
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:

@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except RnbError as e:
-        print(f"rnb {args.command}: error: {e}", file=sys.stderr)
+        from rnb_ray.ray_env import job_driver_node
+
+        node = job_driver_node()  # in a Ray job, local paths are resolved on the driver's node
+        where = f" [Ray job driver on node {node}: paths are resolved there, on storage every node must see]" if node else ""
+        print(f"rnb {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rnb {args.command}: interrupted", file=sys.stderr)
