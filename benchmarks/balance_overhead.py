@@ -1,0 +1,252 @@
+"""Balance overhead: what R&B's mixing costs on top of training, measured in one run.
+
+1. Same model, data and steps with ``rnb`` vs ``static`` (uniform weights), through the real system
+   (``train``: TorchTrainer + mixer actor): loop wall-time ratio with its breakdown (train / capture /
+   mixer round-trip), and FLOPs of the balance work (capture + Gram) relative to training FLOPs.
+   Also ``rnb`` with a sketch.
+2. Sketch dimension vs Gram error vs capture time, on real per-domain head gradients.
+3. Does capturing more than the output head change the mixture? p from the head vs the last block vs
+   every linear layer, on the same batches of a briefly trained model.
+
+Usage: python benchmarks/balance_overhead.py [--quick] [--data CORPUS] [--workers 2]
+Saves benchmarks/results/balance_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
+from rnb_ray.balance.config import TrainConfig  # noqa: E402
+from rnb_ray.balance.data import ChunkReader, prepare_plan, worker_streams  # noqa: E402
+from rnb_ray.balance.lm import build_model, grad_token_mask, load_tokenizer, per_example_loss  # noqa: E402
+from rnb_ray.balance.mixing import domain_means, gram, rnb_mixture  # noqa: E402
+from rnb_ray.balance.sampler import DomainSampler  # noqa: E402
+from rnb_ray.balance.sketch import gram_relative_error  # noqa: E402
+
+MODULES = ["asyncio", "decimal", "email", "logging", "http", "unittest"]
+
+
+def make_corpus(root: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from rnb_ray.sample import write_sample_corpus
+
+    table = pq.read_table(write_sample_corpus(root / "sample.parquet"))
+    table = table.filter(pc.is_in(table["source"], value_set=pa.array(MODULES)))
+    table = table.append_column("domain", table["source"])
+    path = root / "corpus.parquet"
+    pq.write_table(table, path, row_group_size=64)
+    return path
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.processor(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------------------------------------- part 1
+def overhead(data: Path, root: Path, args) -> dict:
+    import ray
+
+    from rnb_ray.balance.train import train
+    from rnb_ray.ray_env import connect
+
+    connect(None, num_cpus=max(2, args.workers))
+    plan_domains = prepare_plan(TrainConfig(data=str(data), output=str(root / "x"))).domains
+    weights = root / "uniform.json"
+    weights.write_text(json.dumps({d: 1 / len(plan_domains) for d in plan_domains}))
+    common = dict(data=str(data), workers=args.workers, steps=args.steps, batch_size=args.batch_size,
+                  seq_len=args.seq_len, update_every=args.update_every, eval_every=args.steps,
+                  log_every=args.update_every, tokenizer=args.tokenizer, n_layer=args.n_layer,
+                  n_embd=args.n_embd, n_head=2, lr=1e-3)
+    variants = [("static", {"strategy": "static", "static_weights": str(weights)}),
+                ("rnb", {"strategy": "rnb"}),
+                (f"rnb_sketch{args.sketch_dim}", {"strategy": "rnb", "sketch_dim": args.sketch_dim})]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for rep in range(args.repeats):
+        order = variants if rep % 2 == 0 else variants[::-1]  # alternate to spread machine-load drift
+        for name, kw in order:
+            res = train(TrainConfig(output=str(root / f"{name}_{rep}"), **common, **kw))
+            s = res.summary
+            loop = s["seconds_train"] + s["seconds_capture"] + s["seconds_mixer"]
+            runs[name].append({"loop_seconds": loop, "seconds_total": s["seconds_total"],
+                               "seconds_train": s["seconds_train"], "seconds_capture": s["seconds_capture"],
+                               "seconds_mixer": s["seconds_mixer"], "flops_train": s["flops_train"],
+                               "flops_balance": s["flops_balance"], "mixer_flops": s["mixer_flops"],
+                               "final_eval_loss": res.final_eval_loss, "mixture": res.mixture})
+            print(f"  {name} rep {rep}: loop {loop:.2f}s (train {s['seconds_train']:.2f}, capture "
+                  f"{s['seconds_capture']:.3f}, mixer {s['seconds_mixer']:.3f}), eval loss {res.final_eval_loss:.4f}",
+                  flush=True)
+    ray.shutdown()
+
+    def best(name: str) -> dict:
+        return min(runs[name], key=lambda r: r["loop_seconds"])
+
+    base = best("static")
+    out = {"settings": common | {"sketch_dim": args.sketch_dim, "repeats": args.repeats}, "runs": runs}
+    for name, _ in variants[1:]:
+        r = best(name)
+        out[name] = {
+            "loop_time_ratio_vs_static": r["loop_seconds"] / base["loop_seconds"],
+            "capture_share_of_loop": r["seconds_capture"] / r["loop_seconds"],
+            "mixer_roundtrip_share_of_loop": r["seconds_mixer"] / r["loop_seconds"],
+            "balance_flops_ratio": r["flops_balance"] / r["flops_train"],
+            "gram_only_flops_ratio": r["mixer_flops"] / r["flops_train"],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parts 2, 3
+def _model_and_batches(data: Path, args, n_batches: int, warm_steps: int):
+    """A model briefly trained (stratified) on the corpus, and fresh batches of every domain."""
+    cfg = TrainConfig(data=str(data), output="unused", tokenizer=args.tokenizer, seq_len=args.seq_len)
+    plan = prepare_plan(cfg)
+    tok = load_tokenizer(None, args.tokenizer)
+    model = build_model(None, vocab_size=len(tok), seq_len=args.seq_len, n_layer=args.n_layer, n_head=2,
+                        n_embd=args.n_embd, pad_token_id=tok.pad_token_id, seed=0)
+    reader = ChunkReader(plan.sources, plan.text_column)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, 0, reader), seed=0)
+    p = np.full(plan.m, 1 / plan.m)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def batch():
+        texts, doms = sampler.next_batch(p, args.batch_size)
+        enc = tok(texts, truncation=True, max_length=args.seq_len, padding=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], torch.as_tensor(doms)
+
+    for _ in range(warm_steps):
+        ids, am, _d = batch()
+        per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, [batch() for _ in range(n_batches)], plan
+
+
+def _capture_round(model, batches, modules, m, **kw):
+    cap = DomainGradCapture(modules, m, **kw)
+    try:
+        for ids, am, doms in batches:
+            cap.begin(doms, grad_token_mask(am), scale=len(ids))
+            per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
+            cap.end()
+            model.zero_grad()
+        sums, counts = cap.take()
+        return domain_means(sums, counts), cap.seconds, cap.flops, cap
+    finally:
+        cap.remove()
+
+
+def sketch_study(model, batches, plan, args) -> dict:
+    modules = find_capture_modules(model, "head")
+    exact, t_exact, f_exact, _ = _capture_round(model, batches, modules, plan.m)
+    G = gram(exact)
+    q = plan.q
+    p_exact, _ = rnb_mixture(G, q, 3.0)
+    rows = [{"sketch_dim": 0, "gram_rel_error": 0.0, "mixture_l1_vs_exact": 0.0, "capture_seconds": t_exact,
+             "capture_flops": f_exact, "numbers_per_domain": int(exact.shape[1])}]
+    for k in args.sketch_dims:
+        errs, l1s, secs, flops, dim = [], [], [], 0, 0
+        for seed in range(args.sketch_seeds):
+            sk, t, f, cap = _capture_round(model, batches, modules, plan.m, sketch_dim=k, seed=seed)
+            Gs = gram(sk)
+            errs.append(gram_relative_error(G, Gs))
+            ps, _ = rnb_mixture(Gs, q, 3.0)
+            l1s.append(float(np.abs(ps - p_exact).sum()))
+            secs.append(t)
+            flops, dim = f, cap.dim
+        rows.append({"sketch_dim": k, "actual_dim": dim, "gram_rel_error": float(np.mean(errs)),
+                     "mixture_l1_vs_exact": float(np.mean(l1s)), "capture_seconds": float(np.median(secs)),
+                     "capture_flops": flops, "numbers_per_domain": dim})
+        print(f"  sketch {k}: Gram error {np.mean(errs):.4f}, |p - p_exact|_1 {np.mean(l1s):.4f}, "
+              f"capture {np.median(secs):.3f}s vs exact {t_exact:.3f}s", flush=True)
+    return {"exact_mixture": p_exact.tolist(), "rows": rows}
+
+
+def layers_study(model, batches, plan, args) -> dict:
+    every = {n: mod for n, mod in model.named_modules() if is_capturable(mod)}
+    specs = {"head": find_capture_modules(model, "head"),
+             "last_block": find_capture_modules(model, "last_block"),
+             "head+last_block": find_capture_modules(model, "head+last_block"),
+             "all_linear": every}
+    out = {}
+    results = {}
+    for name, modules in specs.items():
+        means, secs, flops, _ = _capture_round(model, batches, modules, plan.m)
+        G = gram(means)
+        gq = G @ plan.q
+        p, _ = rnb_mixture(G, plan.q, 3.0)
+        results[name] = (p, gq / np.linalg.norm(gq))
+        out[name] = {"mixture": p.tolist(), "capture_seconds": secs, "capture_flops": flops,
+                     "params": int(means.shape[1])}
+    ref_p, ref_dir = results["all_linear"]
+    for name, (p, direction) in results.items():
+        out[name]["mixture_l1_vs_all_linear"] = float(np.abs(p - ref_p).sum())
+        out[name]["cosine_gq_vs_all_linear"] = float(direction @ ref_dir)
+        print(f"  capture {name}: p={np.round(p, 3).tolist()} |p - p_all|_1 "
+              f"{out[name]['mixture_l1_vs_all_linear']:.4f}, cos(Gq) {out[name]['cosine_gq_vs_all_linear']:.4f}, "
+              f"{out[name]['params']} params, {out[name]['capture_seconds']:.3f}s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small settings for CI/smoke runs (~a few minutes)")
+    ap.add_argument("--data", default=None, help="corpus with a domain column (default: 6 stdlib modules)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/balance_overhead.json")
+    args = ap.parse_args()
+    q = args.quick
+    args.steps = 40 if q else 200
+    args.batch_size = 8 if q else 16
+    args.seq_len = 64 if q else 128
+    args.update_every = 10
+    args.tokenizer = None  # the default BERT tokenizer: a 30522-row head, the case where capture costs most
+    args.n_layer, args.n_embd = (1, 32) if q else (2, 64)
+    args.sketch_dim = 256
+    args.sketch_dims = [16, 64, 256, 1024] if q else [16, 64, 256, 1024, 4096]
+    args.sketch_seeds = 3 if q else 5
+    args.repeats = 1 if q else 2
+    with tempfile.TemporaryDirectory(prefix="rnb-bench-") as tmp:
+        root = Path(tmp)
+        data = Path(args.data) if args.data else make_corpus(root)
+        t0 = time.time()
+        print("1) rnb vs static through Ray Train", flush=True)
+        part1 = overhead(data, root, args)
+        print("2) sketch dimension vs Gram error vs time; 3) which layers", flush=True)
+        torch.manual_seed(0)
+        model, batches, plan = _model_and_batches(data, args, n_batches=4 if q else 10, warm_steps=20 if q else 100)
+        part2 = sketch_study(model, batches, plan, args)
+        part3 = layers_study(model, batches, plan, args)
+    result = {"benchmark": "balance_overhead", "quick": q, "machine": machine(), "seconds": time.time() - t0,
+              "rnb_vs_static": part1, "sketch": part2, "capture_layers": part3}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for name in [k for k in part1 if k.startswith("rnb")]:
+        r = part1[name]
+        print(f"{name}: loop time x{r['loop_time_ratio_vs_static']:.3f} vs static; capture "
+              f"{100 * r['capture_share_of_loop']:.2f}% and mixer {100 * r['mixer_roundtrip_share_of_loop']:.2f}% "
+              f"of the loop; balance FLOPs {100 * r['balance_flops_ratio']:.3f}% of training "
+              f"(Gram alone {100 * r['gram_only_flops_ratio']:.5f}%)")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
