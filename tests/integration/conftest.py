@@ -17,10 +17,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "cluster" / "local"
@@ -147,6 +149,54 @@ class LocalCluster:
         if runtime_env is not None:
             args += ["--runtime-env-json", json.dumps(runtime_env)]
         return self.run([*args, "--", *entrypoint], env=env, timeout=timeout)
+
+    def submit_nowait(self, submission_id: str, *entrypoint: str, working_dir: Path | None = None) -> None:
+        args = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", submission_id,
+                "--address", self.dashboard_url]
+        if working_dir is not None:
+            args += ["--working-dir", str(working_dir)]
+        env = self.env()
+        env.pop("RAY_ADDRESS", None)
+        out = self.run([*args, "--", *entrypoint], env=env, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def api(self, path: str) -> dict:
+        """GET on the dashboard's HTTP API with the token."""
+        r = requests.get(f"{self.dashboard_url}{path}", timeout=30,
+                         headers={"Authorization": f"Bearer {self.token}"})
+        r.raise_for_status()
+        return r.json()
+
+    def wait_job(self, submission_id: str, timeout: float = 400) -> dict:
+        """Poll the job API until the job ends; returns its info (status, job_id, ...) plus its logs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.api(f"/api/jobs/{submission_id}")
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                info["logs"] = self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {submission_id} still {info['status']} after {timeout} s")
+            time.sleep(1)
+
+    def tasks(self, job_id: str) -> list[dict]:
+        """Every task (and actor task) of a Ray job, with the node it ran on."""
+        out = self.run([str(BIN / "ray"), "list", "tasks", "--address", self.address, "--filter",
+                        f"job_id={job_id}", "--detail", "--format", "json", "--limit", "10000"])
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def kill_raylet(self, node: str) -> int:
+        """SIGKILL the raylet of ``node`` (its workers and agents die with it), like a lost machine."""
+        pid = self.raylet_pid(node)
+        os.kill(pid, 9)
+        return pid
+
+    def restart_dead_workers(self) -> subprocess.CompletedProcess:
+        """start.sh on a running cluster restarts the worker nodes whose raylet died."""
+        out = self.script("start.sh")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
 
     def nodes(self) -> list[dict]:
         out = self.run([str(BIN / "ray"), "list", "nodes", "--address", self.address, "--format", "json",
