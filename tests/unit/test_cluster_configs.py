@@ -235,8 +235,6 @@ def test_rayjob_runs_the_pipeline_from_the_image():
     assert argv[argv.index("--output") + 1].startswith("/data/")
 
 
-@pytest.mark.xfail(not (REPO / "jobs" / "pipeline.py").exists(), reason="jobs/pipeline.py not written yet",
-                   raises=FileNotFoundError, strict=True)
 def test_rayjob_entrypoint_flags_parse_with_the_job():
     """The entrypoint's flags are accepted by the pipeline job's own argument parser."""
     job = REPO / "jobs" / "pipeline.py"
@@ -247,6 +245,8 @@ def test_rayjob_entrypoint_flags_parse_with_the_job():
 
     args = build_parser().parse_args([command.group(1), *argv[2:]])
     assert args.handler is not None
+    # Values are coerced by the config machinery (which also checks that --input exists, so not here).
+    assert args.input == "/data/corpus" and args.k == "8,16,32" and args.output.startswith("/data/")
 
 
 def test_dockerfile_installs_torch_then_the_package():
