@@ -1,17 +1,30 @@
-"""Per-domain gradient sums from the ordinary backward pass (torch only: no Ray, no IO).
+"""Per-domain gradient sums fused into the ordinary backward pass (torch only: no Ray, no IO).
 
-The paper's trick for a linear layer s = aWᵀ: the weight gradient of a token is the outer product of the
-output gradient ∂ℓ/∂s (delivered by the ordinary backward) and the input a (kept by a forward hook).
-Summing those outer products over the tokens of each domain's examples gives Σ_{x∈d} ∂ℓ_x/∂W per
-domain — with no extra forward or backward pass, and from this worker's batch only (the hooks see local
-activations and output gradients, before DDP all-reduces parameter gradients).
+For a linear layer s = aWᵀ the weight gradient of a set of tokens is ΔᵀH (Δ: the tokens' output
+gradients, delivered by the ordinary backward; H: their inputs). Autograd forms it once for the whole
+batch. While a ``DomainGradCapture`` is active, each captured layer's forward runs through
+``_FusedLinear``, whose backward computes the same weight gradient as one GEMM per domain over that
+domain's token rows, Δ_dᵀH_d, adds each to the domain's running sum, and returns Σ_d Δ_dᵀH_d as the
+weight gradient. The GEMM work is exactly the ordinary weight gradient's (the rows are partitioned, not
+repeated): per-domain gradients with no extra pass and no extra GEMM — only the m additions into the
+per-domain accumulators. They are this worker's own (DDP all-reduces ``param.grad`` afterwards).
 
-Loss convention (``train.per_example_loss``): batch loss = mean over examples of the example's mean token
+Rows are grouped by their example's domain: examples do not interact (causal LM, no batch statistics), so
+every output-gradient row of an example belongs to that example's loss, padded/ignored positions included
+(their Δ rows are zero). When the batch's examples are ordered by domain (``train`` sorts each batch) the
+groups are contiguous slices and nothing is copied; otherwise the rows are gathered once per layer.
+
+Weight tying: the function returns only this layer's contribution, and autograd adds the other uses of a
+shared weight (e.g. GPT-2's input embedding) into ``.grad`` as usual; the captured sums hold the head's
+contribution only. Biases are not captured (their gradient is computed and returned as usual).
+
+Loss convention (``lm.per_example_loss``): batch loss = mean over examples of the example's mean token
 loss. The output gradient then carries a factor 1/B, so ``begin(..., scale=B)`` turns the captured sums
 into sums of per-example gradients; dividing by the example counts gives domain-mean gradients ḡ_d.
 
 With ``sketch_dim > 0`` each layer's per-domain gradient is stored as its sketch (``balance.sketch``):
-(Δ_d R₁)ᵀ(H_d R₂), k₁·k₂ ≤ sketch_dim numbers per layer and domain.
+(Δ_d R₁)ᵀ(H_d R₂), k₁·k₂ ≤ sketch_dim numbers per layer and domain. That is a different product, formed
+in the same backward on the positions that carry gradient, in addition to the ordinary weight gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rnb_ray.balance.sketch import LayerSketch, make_layer_sketch, sketch_flops
 
@@ -106,14 +120,68 @@ class _Layer:
     sketch: LayerSketch | None
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One ``begin()``: how the rows (B·T) of every captured layer's input group into domains."""
+
+    rows: int  # B·T: the rows every captured layer sees
+    scale: float
+    target: str  # "train" | "eval"
+    row_perm: torch.Tensor | None  # gathers the rows into domain order (None: already contiguous)
+    segments: list[tuple[int, int, int]]  # (domain or -1 for eval, start, end) over the (permuted) rows
+    pos: torch.Tensor | None  # sketch only: positions carrying gradient, ordered by domain
+    pos_segments: list[tuple[int, int, int]]  # sketch only: (domain, start, end) over pos
+
+
+class _FusedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b (or x W + b for Conv1D) whose backward splits the weight gradient by domain."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cap, layer, batch):  # noqa: ANN001 — autograd.Function signature
+        if layer.transposed:
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+            y = y2.view(*x.shape[:-1], weight.shape[1])
+        else:
+            y = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.cap, ctx.layer, ctx.batch = cap, layer, batch
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        layer: _Layer = ctx.layer
+        dt = grad_out.dtype  # the forward's compute dtype (bf16 under autocast)
+        g2 = grad_out.reshape(-1, layer.out_features)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(dt)
+            grad_x = (g2 @ w.T if layer.transposed else g2 @ w).view(x.shape).to(x.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, layer.in_features).to(dt)
+            grad_w = ctx.cap._weight_grad(layer, ctx.batch, g2, x2).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 class DomainGradCapture:
     """Accumulates per-domain gradient sums (or sketches) of selected linear layers over a round.
 
-    Usage per step: ``begin(domains, token_mask, scale)`` → forward → backward → ``end()``. At the end
+    Usage per step: ``begin(domains, token_mask, scale)`` → forward → backward → ``end()``. Several
+    micro-batches may be in flight (each forward keeps the grouping of the ``begin`` before it). At the end
     of a round ``take()`` returns (sums (m, D) float32, counts (m,)) and resets. ``begin(..., target=
     "eval")`` routes a batch's whole gradient into one separate accumulator (the evaluation gradient).
     Weights only (biases are not captured). Exact sums are laid out like the parameters
     (``weight.grad.reshape(-1)`` for each layer, concatenated in ``names`` order).
+
+    While it exists, each captured module's ``forward`` is replaced by a wrapper that, between ``begin``
+    and ``end`` and with gradients enabled, runs ``_FusedLinear``; otherwise it calls the original forward.
+    ``remove()`` restores the modules. ``seconds``/``flops`` count only the work capture adds to the
+    ordinary backward (grouping, gathers, accumulation; for sketches also the projections);
+    ``flops_grouped`` counts the per-domain GEMMs that replace autograd's own weight-gradient GEMM.
     """
 
     def __init__(self, modules: dict[str, nn.Module], num_domains: int, *, sketch_dim: int = 0,
@@ -125,6 +193,8 @@ class DomainGradCapture:
         for i, (name, mod) in enumerate(modules.items()):
             if not is_capturable(mod):
                 raise ValueError(f"{name} is a {type(mod).__name__}, not a linear layer")
+            if getattr(mod, "_rnb_capture", None) is not None:
+                raise ValueError(f"{name} is already captured by another DomainGradCapture (call its remove())")
             w = mod.weight
             transposed = _is_conv1d(mod)
             out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
@@ -141,88 +211,149 @@ class DomainGradCapture:
         self.counts = torch.zeros(num_domains, dtype=torch.int64)
         self.eval_sum = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         self.eval_count = 0
-        self.seconds = 0.0  # time spent forming the per-domain products
-        self.flops = 0  # their floating-point operations
-        self._batch: tuple | None = None
-        self._handles = [layer.module.register_forward_hook(self._make_hook(layer)) for layer in self.layers]
+        self.seconds = 0.0  # time capture adds to the step
+        self.flops = 0  # floating-point operations capture adds
+        self.flops_grouped = 0  # per-domain weight-gradient GEMMs (replacing autograd's, not extra)
+        self._batch: _Batch | None = None
+        self._patched: list[tuple[nn.Module, object]] = []
+        for layer in self.layers:
+            self._patch(layer)
 
     @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    def _patch(self, layer: _Layer) -> None:
+        mod = layer.module
+        original = mod.forward  # bound method (or an instance override, kept for restore)
+        previous = mod.__dict__.get("forward")
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            batch = self._batch
+            if batch is None or args or kwargs or not torch.is_grad_enabled() or not mod.weight.requires_grad:
+                return original(x, *args, **kwargs)
+            return _FusedLinear.apply(x, mod.weight, mod.bias, self, layer, batch)
+
+        mod.forward = forward
+        mod._rnb_capture = self
+        self._patched.append((mod, previous))
+
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Give the modules their own forward back (idempotent)."""
+        for mod, previous in self._patched:
+            if previous is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = previous
+            mod.__dict__.pop("_rnb_capture", None)
+        self._patched = []
+        self._batch = None
 
     # ------------------------------------------------------------------ per step
     def begin(self, domains: torch.Tensor, token_mask: torch.Tensor, scale: float, target: str = "train") -> None:
         """Announce the next forward's examples: their domains (B,), which token positions carry gradient
-        (B, T) and the factor that makes output gradients per-example (B for a mean over examples)."""
+        (B, T; used by sketches) and the factor that makes output gradients per-example (B for a mean over
+        examples). Ordering the batch's examples by domain makes the exact grouping copy-free."""
         t0 = time.perf_counter()
-        domains = domains.to(self.device).long()
-        mask = token_mask.to(self.device).bool()
-        B, T = mask.shape
-        pos = mask.reshape(-1).nonzero().squeeze(1)
-        if target == "eval":
-            segments = [(-1, 0, int(pos.numel()))]
-            self.eval_count += B
-        elif target == "train":
-            tok_dom = domains[pos // T]
-            order = torch.argsort(tok_dom, stable=True)
-            pos = pos[order]
-            doms, n_tok = torch.unique_consecutive(tok_dom[order], return_counts=True)
-            ends = torch.cumsum(n_tok, 0).tolist()
-            starts = [0] + ends[:-1]
-            segments = list(zip(doms.tolist(), starts, ends, strict=True))
-            self.counts += torch.bincount(domains.cpu(), minlength=self.num_domains)[: self.num_domains]
-        else:
+        doms = torch.as_tensor(domains).detach().cpu().long().reshape(-1)
+        mask = torch.as_tensor(token_mask).detach().bool()
+        if mask.dim() != 2 or mask.shape[0] != doms.numel():
+            raise ValueError(f"token_mask must be (B, T) with B = {doms.numel()} domains, got {tuple(mask.shape)}")
+        if target not in ("train", "eval"):
             raise ValueError(f"unknown capture target {target!r}")
-        self._batch = (pos, segments, float(scale), target)
+        B, T = mask.shape
+        if target == "train" and B and (int(doms.min()) < 0 or int(doms.max()) >= self.num_domains):
+            raise ValueError(f"domain ids must lie in [0, {self.num_domains}), got {doms.unique().tolist()}")
+        row_perm = None
+        if target == "eval":
+            segments = [(-1, 0, B * T)]
+            self.eval_count += B
+            ex_order, ex_doms = torch.arange(B), torch.zeros(B, dtype=torch.long)
+        else:
+            runs, run_len = torch.unique_consecutive(doms, return_counts=True)
+            if runs.numel() == torch.unique(doms).numel():  # every domain's examples are contiguous
+                ends = (torch.cumsum(run_len, 0) * T).tolist()
+                segments = list(zip(runs.tolist(), [0, *ends[:-1]], ends, strict=True))
+                ex_order = torch.arange(B)
+            else:
+                ex_order = torch.argsort(doms, stable=True)
+                d_sorted, n_ex = torch.unique_consecutive(doms[ex_order], return_counts=True)
+                ends = (torch.cumsum(n_ex, 0) * T).tolist()
+                segments = list(zip(d_sorted.tolist(), [0, *ends[:-1]], ends, strict=True))
+                row_perm = (ex_order[:, None] * T + torch.arange(T)[None, :]).reshape(-1).to(self.device)
+            ex_doms = doms
+            self.counts += torch.bincount(doms, minlength=self.num_domains)[: self.num_domains]
+        pos, pos_segments = None, []
+        if any(layer.sketch is not None for layer in self.layers):
+            # Token positions carrying gradient, grouped by domain (example order, then position).
+            keep = mask.cpu()[ex_order]
+            rows = (ex_order[:, None] * T + torch.arange(T)[None, :])[keep]
+            tok_dom = ex_doms[ex_order][:, None].expand(B, T)[keep]
+            d_u, n_tok = torch.unique_consecutive(tok_dom, return_counts=True)
+            ends = torch.cumsum(n_tok, 0).tolist()
+            pos_segments = list(zip(d_u.tolist() if target == "train" else [-1] * len(ends),
+                                    [0, *ends[:-1]], ends, strict=True))
+            pos = rows.to(self.device)
+        self._batch = _Batch(B * T, float(scale), target, row_perm, segments, pos, pos_segments)
         self.seconds += time.perf_counter() - t0
 
     def end(self) -> None:
         self._batch = None
 
-    def _make_hook(self, layer: _Layer):
-        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self._batch is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-                return
-            if not output.requires_grad:
-                return
-            h = inputs[0].detach()
-            batch = self._batch
-            output.register_hook(lambda g: self._accumulate(layer, h, g, batch))
-
-        return forward_hook
-
-    def _accumulate(self, layer: _Layer, h: torch.Tensor, g: torch.Tensor, batch: tuple) -> None:
+    def _weight_grad(self, layer: _Layer, batch: _Batch, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The layer's weight gradient (parameter layout), adding its per-domain parts on the way."""
+        if g2.shape[0] != batch.rows:
+            raise ValueError(f"capture layer {layer.name} saw {g2.shape[0]} rows, but begin() announced "
+                             f"{batch.rows} (B·T); capture needs every captured layer applied to the whole batch")
+        out_f, in_f = layer.out_features, layer.in_features
+        sl = slice(layer.offset, layer.offset + layer.size)
+        if layer.sketch is not None:
+            return self._sketch_weight_grad(layer, batch, g2, x2, sl)
+        t_extra = 0.0
         t0 = time.perf_counter()
-        pos, segments, scale, target = batch
+        if batch.row_perm is not None:
+            g2, x2 = g2.index_select(0, batch.row_perm), x2.index_select(0, batch.row_perm)
+        t_extra += time.perf_counter() - t0
+        total: torch.Tensor | None = None
+        shape = (in_f, out_f) if layer.transposed else (out_f, in_f)
+        for d, s, e in batch.segments:
+            if e == s:
+                continue
+            v = x2[s:e].T @ g2[s:e] if layer.transposed else g2[s:e].T @ x2[s:e]
+            self.flops_grouped += 2 * (e - s) * out_f * in_f
+            t0 = time.perf_counter()
+            acc = self.eval_sum[sl] if d < 0 else self.sums[d, sl]
+            acc.view(shape).add_(v, alpha=batch.scale)  # scale and add: 2 flops an element
+            if total is None:
+                total = v
+                self.flops += 2 * out_f * in_f
+            else:
+                total.add_(v)
+                self.flops += 3 * out_f * in_f
+            t_extra += time.perf_counter() - t0
+        if total is None:  # an empty batch
+            total = torch.zeros(shape, dtype=g2.dtype, device=g2.device)
+        self.seconds += t_extra
+        return total
+
+    def _sketch_weight_grad(self, layer: _Layer, batch: _Batch, g2: torch.Tensor, x2: torch.Tensor,
+                            sl: slice) -> torch.Tensor:
+        grad = x2.T @ g2 if layer.transposed else g2.T @ x2  # the ordinary weight gradient
+        t0 = time.perf_counter()
         with torch.no_grad():
-            H = h.reshape(-1, layer.in_features)[pos].float()
-            D = g.reshape(-1, layer.out_features)[pos].float()
-            sl = slice(layer.offset, layer.offset + layer.size)
-            if layer.sketch is not None:
-                # Project every token once, then the per-domain products are only k1 × k2.
-                DR, HR = D @ layer.sketch.r_out, H @ layer.sketch.r_in
-                self.flops += sketch_flops(int(pos.numel()), layer.out_features, layer.in_features, layer.sketch)
-            for d, s, e in segments:
+            pos = batch.pos
+            assert pos is not None and layer.sketch is not None
+            D, H = g2.index_select(0, pos).float(), x2.index_select(0, pos).float()
+            DR, HR = D @ layer.sketch.r_out, H @ layer.sketch.r_in  # project every token once
+            self.flops += sketch_flops(int(pos.numel()), layer.out_features, layer.in_features, layer.sketch)
+            for d, s, e in batch.pos_segments:
                 if e == s:
                     continue
-                if layer.sketch is not None:
-                    v = (DR[s:e].T @ HR[s:e]).reshape(-1)
-                elif layer.transposed:
-                    v = (H[s:e].T @ D[s:e]).reshape(-1)
-                else:
-                    v = (D[s:e].T @ H[s:e]).reshape(-1)
-                if layer.sketch is None:
-                    self.flops += 2 * (e - s) * layer.out_features * layer.in_features
-                if target == "eval":
-                    self.eval_sum[sl] += v * scale
-                else:
-                    self.sums[d, sl] += v * scale
+                v = (DR[s:e].T @ HR[s:e]).reshape(-1)
+                acc = self.eval_sum[sl] if d < 0 else self.sums[d, sl]
+                acc.add_(v, alpha=batch.scale)
         self.seconds += time.perf_counter() - t0
+        return grad
 
     # ------------------------------------------------------------------ per round
     def take(self) -> tuple[np.ndarray, np.ndarray]:
@@ -238,4 +369,3 @@ class DomainGradCapture:
         self.eval_sum.zero_()
         self.eval_count = 0
         return out, n
-

@@ -14,8 +14,8 @@ Library API (the CLI ``rnb train``, ``jobs/train.py`` and the sweep all call the
 * ``train_in_process(cfg) -> TrainResult`` — ``run_training_loop`` plus the run-directory bookkeeping.
 
 The loop, per step: draw each example's domain from p (``DomainSampler``), forward, backward — the
-capture hooks add each domain's gradient to per-domain sums on the way (``DomainGradCapture``) — and
-step the optimizer. Every K steps a round ends: each worker sends its sums and counts to the mixer, which
+captured layers' weight gradients are formed one GEMM per domain inside the ordinary backward and added to
+per-domain sums on the way (``DomainGradCapture``) — and step the optimizer. Every K steps a round ends: each worker sends its sums and counts to the mixer, which
 answers with the next p (or, with ``stale``, the answer is applied one round later so the mixer is never
 waited for). Only strategies that ask for it get the extra evaluation passes (``needs_eval_grad``,
 ``needs_eval_losses``); their cost is accounted in ``extra_flops``/``extra_seconds``.
@@ -419,6 +419,9 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
         t_step = time.perf_counter()
         cap_s0 = capture.seconds if capture else 0.0
         texts, doms = sampler.next_batch(p, B)
+        if capture is not None and flags["needs_train_grads"]:
+            order = np.argsort(doms, kind="stable")  # each domain's rows contiguous: capture copies nothing
+            texts, doms = [texts[i] for i in order], np.asarray(doms)[order]
         ids, am = _tokenize(tok, texts, cfg.seq_len, device)
         if round_ < cfg.debug_dump_rounds:
             dumps.mkdir(parents=True, exist_ok=True)
