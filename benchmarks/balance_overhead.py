@@ -1,15 +1,19 @@
 """Balance overhead: what R&B's mixing costs on top of training, measured in one run.
 
 1. Same model, data and steps with ``rnb`` vs ``static`` (uniform weights), through the real system
-   (``train``: TorchTrainer + mixer actor): loop wall-time ratio with its breakdown (train / capture /
-   mixer round-trip), and FLOPs of the balance work (capture + Gram) relative to training FLOPs.
-   Also ``rnb`` with a sketch.
+   (``train``: TorchTrainer + mixer actor), run interleaved (static, rnb, static, rnb, … with the order
+   flipped every other pair) so machine-load drift hits both alike: per-pair loop wall-time ratios
+   (median and spread) with their breakdown (train / capture / mixer round-trip), and FLOPs of the balance
+   work (capture + Gram) relative to training FLOPs. Also ``rnb`` with a sketch.
+1b. The training step alone, in this process (no Ray): forward+backward+optimizer with and without exact
+   capture, interleaved, many pairs — the capture cost without Ray/mixer noise.
+1c. Estimate (formula, not a measurement) for a GPT-2-small-shaped model.
 2. Sketch dimension vs Gram error vs capture time, on real per-domain head gradients.
 3. Does capturing more than the output head change the mixture? p from the head vs the last block vs
    every linear layer, on the same batches of a briefly trained model.
 
-Usage: python benchmarks/balance_overhead.py [--quick] [--data CORPUS] [--workers 2]
-Saves benchmarks/results/balance_overhead.json.
+Usage: python benchmarks/balance_overhead.py [--quick] [--data CORPUS] [--workers 2] [--pairs 3]
+Saves benchmarks/results/balance_overhead.json (with the machine's load average before/after each run).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def machine() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- part 1
+def _spread(xs: list[float]) -> dict:
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs)), "n": len(xs),
+            "values": [float(x) for x in xs]}
+
+
 def overhead(data: Path, root: Path, args) -> dict:
     import ray
 
@@ -80,37 +89,109 @@ def overhead(data: Path, root: Path, args) -> dict:
                 ("rnb", {"strategy": "rnb"}),
                 (f"rnb_sketch{args.sketch_dim}", {"strategy": "rnb", "sketch_dim": args.sketch_dim})]
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
-    for rep in range(args.repeats):
-        order = variants if rep % 2 == 0 else variants[::-1]  # alternate to spread machine-load drift
+    for rep in range(args.pairs):
+        order = variants if rep % 2 == 0 else variants[::-1]  # ABC CBA ABC …: spreads machine-load drift
         for name, kw in order:
+            if "sketch_dim" in kw and rep >= args.sketch_runs:
+                continue
+            load0 = os.getloadavg()[0]
             res = train(TrainConfig(output=str(root / f"{name}_{rep}"), **common, **kw))
             s = res.summary
             loop = s["seconds_train"] + s["seconds_capture"] + s["seconds_mixer"]
-            runs[name].append({"loop_seconds": loop, "seconds_total": s["seconds_total"],
+            runs[name].append({"rep": rep, "loop_seconds": loop, "seconds_total": s["seconds_total"],
                                "seconds_train": s["seconds_train"], "seconds_capture": s["seconds_capture"],
                                "seconds_mixer": s["seconds_mixer"], "flops_train": s["flops_train"],
                                "flops_balance": s["flops_balance"], "mixer_flops": s["mixer_flops"],
-                               "final_eval_loss": res.final_eval_loss, "mixture": res.mixture})
+                               "final_eval_loss": res.final_eval_loss, "mixture": res.mixture,
+                               "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]})
             print(f"  {name} rep {rep}: loop {loop:.2f}s (train {s['seconds_train']:.2f}, capture "
-                  f"{s['seconds_capture']:.3f}, mixer {s['seconds_mixer']:.3f}), eval loss {res.final_eval_loss:.4f}",
-                  flush=True)
+                  f"{s['seconds_capture']:.3f}, mixer {s['seconds_mixer']:.3f}), eval loss "
+                  f"{res.final_eval_loss:.4f}, load {load0:.1f}", flush=True)
     ray.shutdown()
 
-    def best(name: str) -> dict:
-        return min(runs[name], key=lambda r: r["loop_seconds"])
-
-    base = best("static")
-    out = {"settings": common | {"sketch_dim": args.sketch_dim, "repeats": args.repeats}, "runs": runs}
+    out = {"settings": common | {"sketch_dim": args.sketch_dim, "pairs": args.pairs, "sketch_runs": args.sketch_runs},
+           "runs": runs}
     for name, _ in variants[1:]:
-        r = best(name)
+        rr = runs[name]
+        base = [runs["static"][r["rep"]] for r in rr]  # the static run of the same pair
         out[name] = {
-            "loop_time_ratio_vs_static": r["loop_seconds"] / base["loop_seconds"],
-            "capture_share_of_loop": r["seconds_capture"] / r["loop_seconds"],
-            "mixer_roundtrip_share_of_loop": r["seconds_mixer"] / r["loop_seconds"],
-            "balance_flops_ratio": r["flops_balance"] / r["flops_train"],
-            "gram_only_flops_ratio": r["mixer_flops"] / r["flops_train"],
+            # one ratio per pair of neighbouring runs (same rep), then median and spread
+            "loop_time_ratio_vs_static": _spread([r["loop_seconds"] / b["loop_seconds"]
+                                                  for r, b in zip(rr, base, strict=True)]),
+            "step_time_ratio_vs_static": _spread([(r["seconds_train"] + r["seconds_capture"]) / b["seconds_train"]
+                                                  for r, b in zip(rr, base, strict=True)]),
+            "capture_share_of_loop": _spread([r["seconds_capture"] / r["loop_seconds"] for r in rr]),
+            "mixer_roundtrip_share_of_loop": _spread([r["seconds_mixer"] / r["loop_seconds"] for r in rr]),
+            "balance_flops_ratio": float(np.median([r["flops_balance"] / r["flops_train"] for r in rr])),
+            "gram_only_flops_ratio": float(np.median([r["mixer_flops"] / r["flops_train"] for r in rr])),
         }
     return out
+
+
+def step_time(data: Path, args) -> dict:
+    """Training steps in this process with and without exact head capture, interleaved (A B B A …)."""
+    model, batches, plan = _model_and_batches(data, args, n_batches=args.step_batches, warm_steps=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    modules = find_capture_modules(model, "head")
+
+    def run(capture: bool) -> float:
+        cap = DomainGradCapture(modules, plan.m) if capture else None
+        try:
+            t0 = time.perf_counter()
+            for ids, am, doms in batches:
+                if cap:
+                    cap.begin(doms, grad_token_mask(am), scale=len(ids))
+                per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
+                if cap:
+                    cap.end()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+        finally:
+            if cap:
+                cap.remove()
+
+    run(False), run(True)  # warm-up
+    plain, fused, load = [], [], []
+    for i in range(args.step_pairs):
+        load.append(os.getloadavg()[0])
+        for c in ((False, True) if i % 2 == 0 else (True, False)):
+            (fused if c else plain).append(run(c))
+    ratios = [f / p for f, p in zip(fused, plain, strict=True)]
+    out = {"steps_per_run": len(batches), "batch_size": args.batch_size, "seq_len": args.seq_len,
+           "vocab": int(modules["lm_head"].weight.shape[0]), "n_embd": args.n_embd,
+           "head_share_of_params": modules["lm_head"].weight.numel() / sum(p.numel() for p in model.parameters()),
+           "plain_seconds": _spread(plain), "capture_seconds": _spread(fused),
+           "ratio_capture_vs_plain": _spread(ratios), "load_avg_1m": load}
+    print(f"  step time with exact head capture / without: median x{np.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} pairs)", flush=True)
+    return out
+
+
+def gpt2_small_estimate(batch_size: int = 8, seq_len: int = 1024, domains_per_batch: int = 8,
+                        domains: int = 10, update_every: int = 10) -> dict:
+    """FLOPs of exact head capture relative to training, from the formula (an estimate, not a measurement).
+
+    GPT-2 small: 123.7M matmul parameters (the 50257 × 768 head is tied to the input embedding and counts
+    as a matmul). Training: 6·N per token. Fused capture: the per-domain GEMMs are the head's own weight
+    gradient; what is added per step is, for each domain in the batch, scaling + adding its out×in block
+    into the domain's sum (2 flops an element) and into the total gradient (1), i.e. ≤ 3·m_b·out·in.
+    The mixer's Gram over m domains: ≈ 2·m²·D per round (+ the sums over workers). The unfused capture
+    (the earlier hooks) repeated the head's weight-gradient GEMM: 2·out·in per token.
+    """
+    n, out_f, in_f = 124_439_808 - 1024 * 768, 50257, 768  # all parameters but the position table
+    head = out_f * in_f
+    tokens = batch_size * seq_len
+    train = 6 * n * tokens
+    fused = 3 * domains_per_batch * head
+    gram = 2 * domains * domains * head / update_every
+    unfused = 2 * head * tokens
+    return {"label": "estimate from the formula, not a measurement", "n_params_matmul": n, "head": [out_f, in_f],
+            "tokens_per_worker_step": tokens, "domains_per_batch": domains_per_batch, "domains": domains,
+            "update_every": update_every,
+            "fused_capture_flops_ratio": fused / train, "gram_flops_ratio": gram / train,
+            "unfused_capture_flops_ratio": unfused / train,
+            "exact_sums_bytes_per_worker": 4 * domains * head}
 
 
 # ---------------------------------------------------------------------------------------------- parts 2, 3
@@ -128,6 +209,8 @@ def _model_and_batches(data: Path, args, n_batches: int, warm_steps: int):
 
     def batch():
         texts, doms = sampler.next_batch(p, args.batch_size)
+        order = np.argsort(doms, kind="stable")  # as ``train`` does: each domain's rows contiguous
+        texts, doms = [texts[i] for i in order], np.asarray(doms)[order]
         enc = tok(texts, truncation=True, max_length=args.seq_len, padding=True, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"], torch.as_tensor(doms)
 
@@ -207,9 +290,11 @@ def layers_study(model, batches, plan, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small settings for CI/smoke runs (~a few minutes)")
+    ap.add_argument("--quick", action="store_true", help="small settings for CI/smoke runs (~10 minutes)")
     ap.add_argument("--data", default=None, help="corpus with a domain column (default: 6 stdlib modules)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved static/rnb repetitions through Ray Train")
+    ap.add_argument("--sketch-runs", type=int, default=1, help="how many of those pairs also run rnb with a sketch")
     ap.add_argument("--out", default="benchmarks/results/balance_overhead.json")
     args = ap.parse_args()
     q = args.quick
@@ -222,29 +307,43 @@ def main() -> None:
     args.sketch_dim = 256
     args.sketch_dims = [16, 64, 256, 1024] if q else [16, 64, 256, 1024, 4096]
     args.sketch_seeds = 3 if q else 5
-    args.repeats = 1 if q else 2
+    args.step_batches, args.step_pairs = (5, 7) if q else (10, 9)
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rnb-bench-") as tmp:
         root = Path(tmp)
         data = Path(args.data) if args.data else make_corpus(root)
         t0 = time.time()
-        print("1) rnb vs static through Ray Train", flush=True)
+        print("1) rnb vs static through Ray Train, interleaved", flush=True)
         part1 = overhead(data, root, args)
+        print("1b) training step with vs without exact capture, in process", flush=True)
+        torch.manual_seed(0)
+        part1b = step_time(data, args)
+        part1c = gpt2_small_estimate()
         print("2) sketch dimension vs Gram error vs time; 3) which layers", flush=True)
         torch.manual_seed(0)
         model, batches, plan = _model_and_batches(data, args, n_batches=4 if q else 10, warm_steps=20 if q else 100)
         part2 = sketch_study(model, batches, plan, args)
         part3 = layers_study(model, batches, plan, args)
-    result = {"benchmark": "balance_overhead", "quick": q, "machine": machine(), "seconds": time.time() - t0,
-              "rnb_vs_static": part1, "sketch": part2, "capture_layers": part3}
+    result = {"benchmark": "balance_overhead", "quick": q, "machine": machine() | {"load_avg_at_start": load_start},
+              "seconds": time.time() - t0, "capture": "fused (per-domain GEMMs inside the ordinary backward)",
+              "rnb_vs_static": part1, "step_time_in_process": part1b, "gpt2_small_estimate": part1c,
+              "sketch": part2, "capture_layers": part3}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for name in [k for k in part1 if k.startswith("rnb")]:
         r = part1[name]
-        print(f"{name}: loop time x{r['loop_time_ratio_vs_static']:.3f} vs static; capture "
-              f"{100 * r['capture_share_of_loop']:.2f}% and mixer {100 * r['mixer_roundtrip_share_of_loop']:.2f}% "
-              f"of the loop; balance FLOPs {100 * r['balance_flops_ratio']:.3f}% of training "
-              f"(Gram alone {100 * r['gram_only_flops_ratio']:.5f}%)")
+        lt, st = r["loop_time_ratio_vs_static"], r["step_time_ratio_vs_static"]
+        print(f"{name}: loop time x{lt['median']:.3f} vs static (pairs: {lt['min']:.3f}..{lt['max']:.3f}); "
+              f"step time x{st['median']:.3f} ({st['min']:.3f}..{st['max']:.3f}); capture "
+              f"{100 * r['capture_share_of_loop']['median']:.2f}% and mixer "
+              f"{100 * r['mixer_roundtrip_share_of_loop']['median']:.2f}% of the loop; balance FLOPs "
+              f"{100 * r['balance_flops_ratio']:.4f}% of training (Gram alone {100 * r['gram_only_flops_ratio']:.5f}%)")
+    rb = part1b["ratio_capture_vs_plain"]
+    print(f"in-process step with exact capture: x{rb['median']:.3f} ({rb['min']:.3f}..{rb['max']:.3f})")
+    print(f"GPT-2 small estimate: fused capture {100 * part1c['fused_capture_flops_ratio']:.4f}% of training FLOPs "
+          f"(Gram {100 * part1c['gram_flops_ratio']:.5f}%; the unfused hooks were "
+          f"{100 * part1c['unfused_capture_flops_ratio']:.1f}%)")
     print(f"saved {out}")
 
 

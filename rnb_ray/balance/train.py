@@ -14,11 +14,12 @@ Library API (the CLI ``rnb train``, ``jobs/train.py`` and the sweep all call the
 * ``train_in_process(cfg) -> TrainResult`` — ``run_training_loop`` plus the run-directory bookkeeping.
 
 The loop, per step: draw each example's domain from p (``DomainSampler``), forward, backward — the
-captured layers' weight gradients are formed one GEMM per domain inside the ordinary backward and added to
-per-domain sums on the way (``DomainGradCapture``) — and step the optimizer. Every K steps a round ends: each worker sends its sums and counts to the mixer, which
-answers with the next p (or, with ``stale``, the answer is applied one round later so the mixer is never
-waited for). Only strategies that ask for it get the extra evaluation passes (``needs_eval_grad``,
-``needs_eval_losses``); their cost is accounted in ``extra_flops``/``extra_seconds``.
+captured layers' weight gradients are formed one GEMM per domain inside the ordinary backward and added
+to per-domain sums on the way (``DomainGradCapture``) — and step the optimizer. Every K steps a round
+ends: each worker sends its sums and counts to the mixer, which answers with the next p (or, with
+``stale``, the answer is applied one round later so the mixer is never waited for). Only strategies
+that ask for it get the extra evaluation passes (``needs_eval_grad``, ``needs_eval_losses``); their
+cost is accounted in ``extra_flops``/``extra_seconds``.
 """
 
 from __future__ import annotations
