@@ -73,7 +73,7 @@ fail() {
 raylet_alive() {  # raylet_alive NODE -> 0 when the raylet of node NODE (head, w1, ...) runs
     local f cmd
     for f in /proc/[0-9]*/cmdline; do
-        cmd=$(tr '\0' '\n' <"$f" 2>/dev/null) || continue
+        cmd=$(tr '\0' '\n' 2>/dev/null <"$f") || continue
         if [[ "${cmd%%$'\n'*}" == */raylet && "$cmd" == *"$RNB_CLUSTER_DIR/$1/"* ]]; then
             return 0
         fi

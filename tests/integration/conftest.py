@@ -184,7 +184,7 @@ class LocalCluster:
         out = self.run([str(BIN / "ray"), "list", "tasks", "--address", self.address, "--filter",
                         f"job_id={job_id}", "--detail", "--format", "json", "--limit", "10000"])
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return json.loads(out.stdout) if out.stdout.lstrip().startswith("[") else []  # else "No resource ..."
 
     def kill_raylet(self, node: str) -> int:
         """SIGKILL the raylet of ``node`` (its workers and agents die with it), like a lost machine."""

@@ -201,40 +201,7 @@ def test_connect_joins_the_cluster_by_address(local_cluster):
 # --- rnb jobs on the cluster -------------------------------------------------------------------------
 
 
-def _small_corpus(sample_corpus, path: Path, n: int) -> Path:
-    import pyarrow.parquet as pq
-
-    pq.write_table(pq.read_table(sample_corpus).slice(0, n), path)
-    return path
-
-
-def _output_ids(out: Path) -> list:
-    import pyarrow.dataset as ds
-
-    return ds.dataset(out / "data", format="parquet").to_table(columns=["id"])["id"].to_pylist()
-
-
-def test_regroup_job_runs_across_nodes(local_cluster, sample_corpus, tmp_path):
-    """`ray job submit ... -- python jobs/regroup.py` embeds on both nodes and keeps every document once."""
-    import pyarrow.parquet as pq
-
-    corpus = _small_corpus(sample_corpus, tmp_path / "corpus.parquet", 120)
-    out = tmp_path / "regrouped"
-    sid = f"rnb-regroup-{tmp_path.name}"
-    local_cluster.submit_nowait(sid, "python", "jobs/regroup.py", "--input", str(corpus), "--k", "3",
-                                "--output", str(out), "--embed-actors", "2", "--max-iter", "20",
-                                working_dir=REPO)
-    info = local_cluster.wait_job(sid)
-    assert info["status"] == "SUCCEEDED", info["logs"][-3000:]
-    ids = _output_ids(out)
-    assert sorted(ids) == sorted(pq.read_table(corpus)["id"].to_pylist())
-    domains = json.loads((out / "domains.json").read_text())
-    assert domains["n_documents"] == 120 and len(domains["sizes"]) == 3
-    # Where the embedding ran: the Ray state API records each task's node.
-    worker_ids = {n["node_id"] for n in local_cluster.alive_nodes() if not n["is_head_node"]}
-    embed_nodes = {t["node_id"] for t in local_cluster.tasks(info["job_id"])
-                   if "Embedder" in t["name"] and t.get("node_id")}
-    assert embed_nodes & worker_ids, f"no embedding on the worker node: {embed_nodes}"
+# Regroup and train jobs across nodes, with faults: test_cluster_faults.py.
 
 
 def test_job_with_a_path_the_cluster_cannot_see_names_path_and_node(local_cluster, tmp_path):
