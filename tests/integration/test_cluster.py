@@ -187,6 +187,25 @@ def test_connect_to_an_address_where_nothing_listens_fails_fast():
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
 
 
+def test_rnb_cli_with_a_dead_address_exits_cleanly(tmp_path):
+    port = _free_port()
+    out = subprocess.run([str(Path(sys.executable).parent / "rnb"), "regroup", "--address", f"127.0.0.1:{port}",
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2
+    assert f"rnb regroup: error: no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_connect_to_the_dashboard_port_says_it_is_the_job_api(local_cluster):
+    """The job API address (what `ray job submit` takes) given as a cluster address: told at once."""
+    for address in (f"127.0.0.1:{local_cluster.dashboard_port}", local_cluster.dashboard_url):
+        code = f"from rnb_ray.ray_env import connect; connect({address!r})"
+        out = local_cluster.run([sys.executable, "-c", code], env=local_cluster.env(RAY_ADDRESS=None), timeout=60)
+        assert out.returncode != 0
+        assert "Ray dashboard / job API" in out.stderr
+
+
 def test_connect_joins_the_cluster_by_address(local_cluster):
     code = (
         "import ray; from rnb_ray.ray_env import connect, require_resources; "
