@@ -393,8 +393,8 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             if state["world"] != world:
                 raise RnbError(f"the checkpoint was written by {state['world']} workers, this run has {world}",
                                where=str(ck), fix=f"resume with --workers {state['world']}")
-            raw_model.load_state_dict(torch.load(ck / "model.pt", map_location=device))
-            opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device))
+            raw_model.load_state_dict(torch.load(ck / "model.pt", map_location=device, weights_only=True))
+            opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device, weights_only=True))
             sched.load_state_dict(state["scheduler"])
             sampler.load_state_dict(state["samplers"][rank])
             torch.set_rng_state(state["torch_rng"][rank])
