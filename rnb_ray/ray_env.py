@@ -79,7 +79,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         _check_reachable(address)
     kwargs: dict = {"log_to_driver": not quiet} if quiet else {}
     if address:
-        ray.init(address=address, **kwargs)
+        from ray.exceptions import AuthenticationError
+
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, AuthenticationError) as e:
+            # A wrong or missing token shows up here after Ray's retries, as a bare "Failed to connect".
+            raise RnbError(
+                f"could not join the Ray cluster at {address} ({str(e).strip().splitlines()[-1]})",
+                fix="if the cluster uses token authentication, give this process its token (RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, with RAY_AUTH_MODE=token), and check --address",
+            ) from e
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 

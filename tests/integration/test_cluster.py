@@ -138,12 +138,13 @@ def test_job_submit_without_the_token_is_refused(local_cluster, tmp_path):
 
 
 def test_driver_with_a_wrong_token_cannot_join(local_cluster):
-    code = "import ray; ray.init(); print('JOINED')"
+    code = (f"from rnb_ray.ray_env import connect; connect({local_cluster.address!r}); print('JOINED')")
     out = local_cluster.run([sys.executable, "-c", code], env=local_cluster.env(RAY_AUTH_TOKEN="0" * 64),
                             timeout=120)
     assert out.returncode != 0
     assert "JOINED" not in out.stdout
-    assert "authentication" in (out.stdout + out.stderr).lower()
+    assert f"could not join the Ray cluster at {local_cluster.address}" in out.stderr
+    assert "RAY_AUTH_TOKEN" in out.stderr  # says how to fix it
 
 
 # --- jobs across nodes -------------------------------------------------------------------------------
