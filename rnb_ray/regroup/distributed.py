@@ -1,21 +1,30 @@
 """k-means over a Ray Dataset of embeddings: the driver only ever holds k × d numbers.
 
-Each Lloyd iteration is one ``map_batches`` pass: every block computes per-centroid sums and counts
-against the broadcast centroids (``kmeans.partial_step``) and returns them as one small row; the driver
-adds the rows up as they stream in and divides. Seeding is k-means++ on a bounded, deterministic sample
-(rows whose ``hash(row_id, seed)`` is smallest), so results do not depend on how the data is split into
-blocks. Empty clusters are re-seeded with the points farthest from their centroid (one extra pass, only
-when it happens). Block outputs are consumed in block order, so sums — and results — are reproducible.
+Each Lloyd step asks every part of the data for per-centroid sums and counts against the broadcast
+centroids (``kmeans.partial_step``) and adds the k × d results up; the driver divides. Two engines run
+the parts:
+
+* ``actors`` (default): the dataset is split, in block order, over ``KMeansShard`` actors that keep
+  their shard in memory for the whole fit (as Spark MLlib caches an RDD); a step is one method call
+  per actor. Per-iteration overhead is milliseconds.
+* ``data``: every step is a ``map_batches`` pass over the materialised dataset (blocks in the object
+  store, which spills to disk) — nothing held in worker memory, for data larger than the cluster's
+  memory, at the price of a Ray Data execution per iteration.
+
+Seeding is k-means++ on a bounded, deterministic sample (rows whose ``hash(row_id, seed)`` is smallest),
+so it does not depend on how the data is split. Empty clusters are re-seeded with the points farthest
+from their centroid (an extra step, only when it happens). Partial sums are added in a fixed order
+(actor order / block order), so a run is bitwise reproducible and Lloyd reaches exact fixed points.
 
 The dataset needs the columns ``row_id`` (int64) and ``embedding`` (fixed_size_list<float32>), as
 ``EmbeddingSet.dataset()`` provides.
 """
-
 from __future__ import annotations
 
 import contextlib
 import logging
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +53,7 @@ class KMeansResult:
     metric: str = "cosine"
     n: int = 0
     reseeded: int = 0  # empty clusters re-seeded over the run
-    history: list[dict[str, float]] = field(default_factory=list)  # per iteration: inertia, shift
+    history: list[dict[str, float]] = field(default_factory=list)  # per iteration: inertia, shift, seconds
 
     @property
     def k(self) -> int:
@@ -101,17 +110,36 @@ def _far_fn(batch: pa.Table, C: np.ndarray, metric: str, m: int) -> pa.Table:
     return _one_row(km.farthest_points(X, ids, C, metric, m))  # type: ignore[arg-type]
 
 
-def _sample_fn(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    ids, _ = _block_arrays(batch)
+def _sample_rows(ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     u = km.hash_uniform(ids, seed)
     keep = np.flatnonzero(u < fraction)
+    return keep, u[keep]
+
+
+def _sample_fn(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    ids, _ = _block_arrays(batch)
+    keep, u = _sample_rows(ids, fraction, seed)
     out = batch.select([ROW_ID, EMBEDDING]).take(pa.array(keep))
-    return out.append_column("u", pa.array(u[keep]))
+    return out.append_column("u", pa.array(u))
 
 
 def _map(ds, fn: Callable, **kwargs: Any):
     with ordered_execution(quiet=True):
         return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=1)
+
+
+def _bottom(tables: list[pa.Table], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the ``size`` smallest hash values, in row-id order (a uniform sample w/o replacement)."""
+    table = pa.concat_tables(tables)
+    u = table.column("u").to_numpy()
+    ids = table.column(ROW_ID).to_numpy()
+    order = np.lexsort((ids, u))[:size]
+    order = order[np.argsort(ids[order])]
+    return ids[order].astype(np.int64), embeddings_numpy(table.column(EMBEDDING).take(pa.array(order)))
+
+
+def _sample_fraction(size: int, n: int) -> float:
+    return 1.0 if size >= n else min(1.0, (1.25 * size + 32) / n)
 
 
 def sample_embeddings(ds, size: int, seed: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +150,7 @@ def sample_embeddings(ds, size: int, seed: int, n: int | None = None) -> tuple[n
     n = ds.count() if n is None else n
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    fraction = 1.0 if size >= n else min(1.0, (1.25 * size + 32) / n)
+    fraction = _sample_fraction(size, n)
     while True:
         parts = []
         with ordered_execution(quiet=True):
@@ -131,37 +159,165 @@ def sample_embeddings(ds, size: int, seed: int, n: int | None = None) -> tuple[n
             for batch in sampled.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if batch.num_rows:
                     parts.append(batch)
-        table = pa.concat_tables(parts) if parts else None
-        got = 0 if table is None else table.num_rows
+        got = sum(t.num_rows for t in parts)
         if got >= min(size, n) or fraction >= 1.0:
             break
         fraction = 1.0  # unlucky draw (tiny samples only): take everything
-    assert table is not None
-    u = table.column("u").to_numpy()
-    ids = table.column(ROW_ID).to_numpy()
-    order = np.lexsort((ids, u))[:size]
-    order = order[np.argsort(ids[order])]
-    return ids[order].astype(np.int64), embeddings_numpy(table.column(EMBEDDING).take(pa.array(order)))
+    return _bottom(parts, size)
 
 
-def _prepare(ds, materialize: bool):
-    """Keep the two columns we need; hold them in the object store across iterations."""
-    import ray
+# --------------------------------------------------------------------------------------------------
+# Backends: where the per-block work runs.
 
-    ds = ds.select_columns([ROW_ID, EMBEDDING])
-    if not materialize:
-        return ds
-    with ordered_execution(quiet=True):
-        ds = ds.materialize()
+
+class _DataBackend:
+    """Every step is one streaming ``map_batches`` pass over the (optionally materialised) dataset.
+
+    Holds nothing in worker memory between passes: for data larger than the cluster's memory (the
+    object store spills to disk). Each pass pays Ray Data's per-execution start-up.
+    """
+
+    def __init__(self, ds, materialize: bool = True):
+        import ray
+
+        ds = ds.select_columns([ROW_ID, EMBEDDING])
+        if materialize:
+            with ordered_execution(quiet=True):
+                ds = ds.materialize()
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                if ds.num_blocks() < 2 * cpus and ds.count() >= 4 * cpus:
+                    ds = ds.repartition(2 * cpus).materialize()  # enough blocks to keep every CPU busy
+        self.ds = ds
+        self.n = ds.count()
+
+    def sample(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return sample_embeddings(self.ds, size, seed, self.n)
+
+    def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
+        total: km.Partial | None = None
+        for p in _stream(_map(self.ds, _partial_fn, C=C, metric=metric, with_moments=with_moments)):
+            total = p if total is None else total + p
+        assert total is not None
+        return total
+
+    def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
+        far: list[km.FarPoint] = []
+        for block_far in _stream(_map(self.ds, _far_fn, C=C, metric=metric, m=m)):
+            far = sorted(far + block_far)[:m]
+        return far
+
+    def close(self) -> None:
+        self.ds = None
+
+
+class KMeansShard:
+    """A Ray actor holding one shard of the embeddings in memory for the whole fit (Spark-style cache).
+
+    Every step is then one method call per actor — milliseconds of overhead instead of a Ray Data
+    execution per iteration — and each actor returns only k × d numbers.
+    """
+
+    _CHUNK = 65_536  # rows per matrix product: bounds the float64 temporaries
+
+    def __init__(self, shard) -> None:
+        ids, xs = [], []
+        for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+            i, x = _block_arrays(batch)
+            ids.append(i)
+            xs.append(x)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self.X = np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
+
+    def count(self) -> int:
+        return len(self.ids)
+
+    def sample(self, fraction: float, seed: int) -> pa.Table:
+        keep, u = _sample_rows(self.ids, fraction, seed)
+        from rnb_ray.regroup.embed import embeddings_array
+
+        if not len(keep):
+            return pa.table({ROW_ID: pa.array([], pa.int64()), "u": pa.array([], pa.float64())})
+        return pa.table({ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep]),
+                         "u": pa.array(u)})
+
+    def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial | None:
+        total = None
+        for s in range(0, len(self.ids), self._CHUNK):
+            p = km.partial_step(self.X[s:s + self._CHUNK], C, metric, with_moments)  # type: ignore[arg-type]
+            total = p if total is None else total + p
+        return total
+
+    def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
+        far: list[km.FarPoint] = []
+        for s in range(0, len(self.ids), self._CHUNK):
+            sl = slice(s, s + self._CHUNK)
+            far = sorted(far + km.farthest_points(self.X[sl], self.ids[sl], C, metric, m))[:m]  # type: ignore[arg-type]
+        return far
+
+
+class _ActorBackend:
+    """The embeddings split (deterministically, in block order) over ``num_shards`` KMeansShard actors."""
+
+    def __init__(self, ds, num_shards: int | None):
+        import ray
+
+        from rnb_ray.ray_env import require_resources
+
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        if ds.num_blocks() < 2 * cpus and ds.count() >= 4 * cpus:
-            ds = ds.repartition(2 * cpus).materialize()  # enough blocks to keep every CPU busy
-    return ds
+        with ordered_execution(quiet=True):
+            mat = ds.select_columns([ROW_ID, EMBEDDING]).materialize()
+            n = mat.count()
+            if num_shards is None:
+                num_shards = max(1, min(cpus, n // 2_000 or 1))  # tiny data: fewer actors to start
+            require_resources(cpus=num_shards, what=f"k-means ({num_shards} shard actor(s) × 1 CPU)")
+            if mat.num_blocks() < num_shards and n >= num_shards:
+                mat = mat.repartition(num_shards).materialize()
+            shards = mat.split(num_shards, equal=False)  # contiguous block ranges: deterministic
+        actor_cls = ray.remote(num_cpus=1)(KMeansShard)
+        self.actors = [actor_cls.remote(s) for s in shards]
+        counts = ray.get([a.count.remote() for a in self.actors])
+        del mat, shards  # the actors hold the data now; let the object store free it
+        self.n = int(sum(counts))
+
+    def sample(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        fraction = _sample_fraction(size, self.n)
+        tables = [t for t in ray.get([a.sample.remote(fraction, seed) for a in self.actors]) if t.num_rows]
+        if sum(t.num_rows for t in tables) < min(size, self.n) and fraction < 1.0:
+            tables = [t for t in ray.get([a.sample.remote(1.0, seed) for a in self.actors]) if t.num_rows]
+        return _bottom(tables, size)
+
+    def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
+        import ray
+
+        ref = ray.put(C)
+        total: km.Partial | None = None
+        for p in ray.get([a.partial.remote(ref, metric, with_moments) for a in self.actors]):  # actor order
+            if p is not None:
+                total = p if total is None else total + p
+        assert total is not None
+        return total
+
+    def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
+        import ray
+
+        far: list[km.FarPoint] = []
+        for block_far in ray.get([a.far.remote(C, metric, m) for a in self.actors]):
+            far = sorted(far + block_far)[:m]
+        return far
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
 
 def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100, tol: float = 1e-4,
-               sample_size: int = 20_000, init: np.ndarray | None = None, materialize: bool = True,
-               verbose: bool = True) -> KMeansResult:
+               sample_size: int = 20_000, init: np.ndarray | None = None, engine: str = "actors",
+               num_shards: int | None = None, verbose: bool = True) -> KMeansResult:
     """Distributed k-means (k-means++ seeding on a sample, then exact Lloyd) over a Ray Dataset.
 
     Args:
@@ -175,20 +331,34 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
             exact fixed point.
         sample_size: rows sampled for k-means++ seeding (driver memory is sample_size × d).
         init: optional (k, d) initial centroids; skips seeding.
-        materialize: keep the embeddings in the Ray object store between iterations (default) instead
-            of re-reading them every pass.
+        engine: ``"actors"`` (default) keeps the embeddings in ``num_shards`` actors' memory for the
+            whole fit, one method call per actor per step; ``"data"`` runs every step as a streaming
+            Ray Data pass over the materialised dataset (object store, spills to disk) — for data that
+            does not fit in the cluster's memory, at a higher per-iteration cost.
+        num_shards: actors for ``engine="actors"`` (default: the cluster's CPUs, fewer for tiny data).
         verbose: log one line per iteration (inertia, shift) at INFO.
 
     Returns:
         KMeansResult with float32 centroids, inertia and sizes under those centroids, iterations,
-        whether it converged within ``max_iter``.
+        whether it converged within ``max_iter``, and the per-iteration history.
     """
     if metric not in km.METRICS:
         raise RnbError(f"unknown metric {metric!r}", fix=f"use one of {', '.join(km.METRICS)}")
     if k < 1:
         raise RnbError(f"k must be at least 1, got {k}", fix="pass --k 2 or more")
-    ds = _prepare(ds, materialize)
-    n = ds.count()
+    if engine not in ("actors", "data"):
+        raise RnbError(f"unknown k-means engine {engine!r}", fix="use 'actors' or 'data'")
+    backend: _ActorBackend | _DataBackend = _ActorBackend(ds, num_shards) if engine == "actors" \
+        else _DataBackend(ds)
+    try:
+        return _lloyd(backend, k, metric, seed, max_iter, tol, sample_size, init, verbose)
+    finally:
+        backend.close()
+
+
+def _lloyd(backend: _ActorBackend | _DataBackend, k: int, metric: str, seed: int, max_iter: int, tol: float,
+           sample_size: int, init: np.ndarray | None, verbose: bool) -> KMeansResult:
+    n = backend.n
     if k > n:
         raise RnbError(f"k={k} is greater than the number of non-empty documents ({n})",
                        fix=f"pass --k {max(1, n)} or less, or add documents")
@@ -197,7 +367,7 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
         if C.ndim != 2 or C.shape[0] != k:
             raise RnbError(f"init centroids have shape {C.shape}, expected ({k}, d)")
     else:
-        _, S = sample_embeddings(ds, max(sample_size, k), seed, n)
+        _, S = backend.sample(max(sample_size, k), seed)
         C = km.kmeans_plus_plus(S, k, metric, np.random.default_rng(seed))  # type: ignore[arg-type]
         del S
     if metric == "cosine":
@@ -210,24 +380,20 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
     last: km.Partial | None = None
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the iteration count after the loop
-        total: km.Partial | None = None
-        for p in _stream(_map(ds, _partial_fn, C=C, metric=metric, with_moments=tol_abs is None)):
-            total = p if total is None else total + p
-        assert total is not None
+        t_iter = time.perf_counter()
+        total = backend.partial(C, metric, tol_abs is None)
         if tol_abs is None:
             assert total.moments is not None
             tol_abs = km.tolerance(tol, total.moments, total.n)
         sums, counts = total.sums, total.counts
         n_empty = int((counts == 0).sum())
         if n_empty:
-            far: list[km.FarPoint] = []
-            for block_far in _stream(_map(ds, _far_fn, C=C, metric=metric, m=n_empty)):
-                far = sorted(far + block_far)[:n_empty]
-            sums, counts, moved = km.reseed_empty(sums, counts, far)
+            sums, counts, moved = km.reseed_empty(sums, counts, backend.far(C, metric, n_empty))
             reseeded += moved
         C_new = km.finalize_centroids(sums, counts, C, metric)  # type: ignore[arg-type]
         shift = float(((C_new - C) ** 2).sum())
-        history.append({"iteration": it, "inertia": total.inertia, "shift": shift})
+        history.append({"iteration": it, "inertia": total.inertia, "shift": shift,
+                        "seconds": time.perf_counter() - t_iter})
         if verbose:
             log.info("k-means iteration %d: inertia=%.6g shift=%.3g (tol %.3g)%s", it, total.inertia, shift,
                      tol_abs, f", re-seeded {n_empty} empty cluster(s)" if n_empty else "")
@@ -237,10 +403,6 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
             break
     assert last is not None
     if not (converged and history[-1]["shift"] == 0.0):
-        # sizes and inertia under the final centroids (Lloyd's last step moved them)
-        last = None
-        for p in _stream(_map(ds, _partial_fn, C=C, metric=metric, with_moments=False)):
-            last = p if last is None else last + p
-        assert last is not None
+        last = backend.partial(C, metric, False)  # sizes and inertia under the final centroids
     return KMeansResult(C.astype(np.float32), float(last.inertia), it, converged, last.counts.astype(np.int64),
                         metric, n, reseeded, history)

@@ -162,28 +162,31 @@ def test_distributed_lloyd_matches_sklearn(regrouped, ray_session, tmp_path):
     cache = pq.read_table(emb.files())
     X = embeddings_numpy(cache.column("embedding"))
     init = X[np.random.default_rng(0).choice(len(X), 8, replace=False)].astype(np.float64)
-    ours = fit_kmeans(emb.dataset(), 8, metric="euclidean", init=init, max_iter=300, tol=0.0)
     ref = KMeans(8, init=init.astype(np.float32), n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
-    labels, _ = km.assign(X, ours.centroids.astype(np.float64), "euclidean")
-    np.testing.assert_array_equal(labels, ref.labels_)
-    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
-    assert ours.converged and ours.sizes.tolist() == np.bincount(ref.labels_, minlength=8).tolist()
+    for engine in ("actors", "data"):
+        ours = fit_kmeans(emb.dataset(), 8, metric="euclidean", init=init, max_iter=300, tol=0.0, engine=engine,
+                          num_shards=2)
+        labels, _ = km.assign(X, ours.centroids.astype(np.float64), "euclidean")
+        np.testing.assert_array_equal(labels, ref.labels_)
+        assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
+        assert ours.converged and ours.sizes.tolist() == np.bincount(ref.labels_, minlength=8).tolist()
     # an empty cluster (a centroid far from every point) is re-seeded as scikit-learn does
     init_far = init.copy()
     init_far[5] = 10.0
-    ours_far = fit_kmeans(emb.dataset(), 8, metric="euclidean", init=init_far, max_iter=300, tol=0.0)
+    ours_far = fit_kmeans(emb.dataset(), 8, metric="euclidean", init=init_far, max_iter=300, tol=0.0, num_shards=2)
     ref_far = KMeans(8, init=init_far.astype(np.float32), n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
     assert ours_far.reseeded >= 1 and (ours_far.sizes > 0).all()
     np.testing.assert_array_equal(km.assign(X, ours_far.centroids.astype(np.float64), "euclidean")[0], ref_far.labels_)
     assert ours_far.inertia == pytest.approx(ref_far.inertia_, rel=1e-4)
     # cosine (spherical) k-means against the in-memory reference, and seeded runs are reproducible
-    cos = fit_kmeans(emb.dataset(), 5, metric="cosine", init=init[:5], max_iter=300, tol=0.0)
+    cos = fit_kmeans(emb.dataset(), 5, metric="cosine", init=init[:5], max_iter=300, tol=0.0, num_shards=2)
     ref_cos = km.lloyd(X, init[:5], "cosine", max_iter=300, tol=0.0)
     np.testing.assert_array_equal(km.assign(X, cos.centroids.astype(np.float64), "cosine")[0], ref_cos.labels)
     assert cos.inertia == pytest.approx(ref_cos.inertia, rel=1e-4)
-    a = fit_kmeans(emb.dataset(), 5, metric="cosine", seed=11, sample_size=100)
-    b = fit_kmeans(emb.dataset(), 5, metric="cosine", seed=11, sample_size=100)
-    np.testing.assert_array_equal(a.centroids, b.centroids)
+    a = fit_kmeans(emb.dataset(), 5, metric="cosine", seed=11, sample_size=100, num_shards=2)
+    b = fit_kmeans(emb.dataset(), 5, metric="cosine", seed=11, sample_size=100, num_shards=1)
+    np.testing.assert_array_equal(a.centroids, b.centroids)  # same seed, different split: same result
+    assert a.converged and a.history[-1]["shift"] <= a.history[0]["shift"]
     # silhouette on the whole set (sample ≥ n) equals scikit-learn's
     s = silhouette_score(emb.dataset(), cos.centroids, metric="cosine", sample_size=10_000)
     assert s == pytest.approx(sk_silhouette(X.astype(np.float64), ref_cos.labels, metric="cosine"), abs=1e-6)

@@ -291,3 +291,14 @@ def test_parquet_row_groups_become_fragments_with_global_row_ids(tmp_path, monke
     t = pa.concat_tables([t for f in corpus.fragments for t in read_fragment(corpus, f)])
     np.testing.assert_array_equal(t.column(ROW_ID).to_numpy(), np.arange(35))
     assert t.column("text").to_pylist() == [f"doc {i}" for i in range(35)]
+
+
+def test_no_input_means_the_embedded_sample_corpus(tmp_path):
+    from rnb_ray.regroup.regroup import resolve_input
+
+    cfg = RegroupConfig(output=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    path, domain_column = resolve_input(cfg)
+    assert domain_column == "source" and path.startswith(str(tmp_path / "cache"))
+    corpus = validate(cfg)
+    assert corpus.num_rows > 1000 and corpus.domain_column == "source"
+    assert set(corpus.columns) == {"id", "text", "source"}
