@@ -17,7 +17,7 @@ import requests
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _free_port() -> int:
@@ -221,7 +221,7 @@ def test_connect_joins_the_cluster_by_address(local_cluster):
 # --- rnb jobs on the cluster -------------------------------------------------------------------------
 
 
-# Regroup and train jobs across nodes, with faults: test_cluster_faults.py.
+# Regroup and train jobs across nodes, with faults: test_faults.py.
 
 
 def test_job_with_a_path_the_cluster_cannot_see_names_path_and_node(local_cluster, tmp_path):

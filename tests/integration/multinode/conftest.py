@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "cluster" / "local"
 BIN = Path(sys.executable).parent
 
@@ -227,9 +227,10 @@ def _new_cluster(**kwargs) -> LocalCluster:
     return LocalCluster(dir=Path(tempfile.mkdtemp(prefix="rnbc-", dir="/tmp")), **kwargs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_cluster():
-    """Head (1 CPU) + one worker node (2 CPUs, resource ``worker_node``), token auth on."""
+    """Head (1 CPU) + one worker node (2 CPUs, resource ``worker_node``), token auth on. Package scope:
+    stopped after this package's last test, so it does not idle beside the other integration tests."""
     cluster = _new_cluster(workers=1, head_cpus=1, worker_cpus=2)
     try:
         cluster.start()

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODULES = ["asyncio", "decimal", "email", "logging"]
 
 
