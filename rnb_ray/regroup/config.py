@@ -57,6 +57,9 @@ class RegroupConfig:
         "embedding actors in the Ray Data pool (default: cluster CPUs // embed_threads)"))
     embed_threads: int = field(default=1, metadata=_help("CPUs (torch threads) per embedding actor"))
     max_iter: int = field(default=100, metadata=_help("maximum Lloyd iterations"))
+    kmeans_engine: Literal["actors", "data"] = field(default="actors", metadata=_help(
+        "actors: embeddings held in k-means actors' memory (fast); data: a Ray Data pass per iteration "
+        "(for embeddings larger than the cluster's memory)"))
     tol: float = field(default=1e-4, metadata=_help(
         "stop when the squared centroid shift is below tol × mean feature variance (scikit-learn's rule)"))
     seed: int = field(default=0, metadata=_help("random seed (sampling and k-means++)"))

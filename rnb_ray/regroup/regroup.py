@@ -484,7 +484,7 @@ def regroup(cfg: RegroupConfig) -> RegroupResult:
     t1 = time.perf_counter()
     with rnb_errors_from_ray():
         kmr = fit_kmeans(emb.dataset(), cfg.k, metric=cfg.metric, seed=cfg.seed, max_iter=cfg.max_iter, tol=cfg.tol,
-                         sample_size=cfg.seed_sample)
+                         sample_size=cfg.seed_sample, engine=cfg.kmeans_engine)
     t2 = time.perf_counter()
     out = write_regrouped(cfg, emb, kmr)
     t3 = time.perf_counter()

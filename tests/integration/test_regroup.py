@@ -235,11 +235,11 @@ def test_cache_hit_and_invalidation(ray_session, sample_corpus, tmp_path):
     # this test's Ray cluster (as `ray job submit` would): cache hit, full output
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     out = tmp_path / "o4"
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "regroup.py"), "--input", str(corpus), "--k", "3",
-                           "--output", str(out), "--cache-dir", str(cache)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                           "--output", str(out), "--cache-dir", str(cache), "--kmeans-engine", "data"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["cache_hit"] is True and summary["n_documents"] == 40
