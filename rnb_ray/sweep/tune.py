@@ -27,7 +27,8 @@ them in-process costs seconds. On a larger cluster, trials run in parallel (``cp
 Outputs (``OUT``): ``results.csv`` / ``results.json`` (one row per trial: k, λ, strategy, status,
 held-out loss, silhouette, inertia, smallest/largest domain, seconds, error), ``best.json``, the
 silhouette-vs-loss correlation (in ``results.json``), ``config.json``, ``tune/`` (Ray Tune's experiment
-directory: what ``Tuner.restore`` resumes from) and, with ``write_best``, ``regrouped/`` (the corpus
+directory: what ``Tuner.restore`` resumes from), ``trials/<k…>/`` (each trial's corpus split, held-out set and
+proxy training run directory; on a multi-node cluster OUT must be on storage every node sees) and, with ``write_best``, ``regrouped/`` (the corpus
 regrouped at the best k, ready for ``rnb train``).
 """
 
@@ -154,6 +155,10 @@ def silhouette(X: np.ndarray, centroids: np.ndarray, metric: str, sample: int, s
     return float(km.silhouette_samples(S, labels, metric).mean())  # type: ignore[arg-type]
 
 
+def trial_name(k: int, strategy: str, lam: float) -> str:
+    return f"k{k}-{strategy}" + (f"-lam{lam:g}" if strategy == "rnb" else "")
+
+
 def _heldout_loss(by_domain: dict[str, float], q: dict[str, float]) -> float:
     """Loss per held-out document: domain losses weighted by the held-out share of each domain."""
     w = {d: q[d] for d in by_domain if d in q}
@@ -178,7 +183,11 @@ def _trial(config: dict[str, Any], data: SweepData | None = None, settings: dict
     assert data is not None and settings is not None
     k, strategy, lam = int(config["k"]), str(config["setting"]["strategy"]), float(config["setting"]["lam"])
     torch.set_num_threads(max(1, int(settings["cpus_per_trial"])))
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # Our own directory per grid point (not Tune's trial dir: with reused actors and restores that moves).
+    trial_dir = Path(settings["trials_dir"]) / trial_name(k, strategy, lam)
+    if trial_dir.exists():
+        shutil.rmtree(trial_dir)  # a restarted trial starts clean
+    trial_dir.mkdir(parents=True)
     t0 = time.perf_counter()
 
     train_idx = np.flatnonzero(~data.heldout)
@@ -249,12 +258,10 @@ def _validate_input(cfg: SweepConfig) -> Any:
     rcfg = from_dict(RegroupConfig, {k: v for k, v in {
         "input": cfg.input, "output": str(out / "regrouped"), "text_column": cfg.text_column,
         "domain_column": cfg.domain_column, "model": cfg.model, "cache_dir": cfg.cache_dir, "seed": cfg.seed,
-        "max_iter": cfg.max_iter, "k": max(cfg.k), "seed_sample": max(SEED_SAMPLE, max(cfg.k)),
+        "max_iter": cfg.max_iter, "k": max(cfg.k), "seed_sample": max(SEED_SAMPLE, max(cfg.k)), "overwrite": True,
     }.items() if v is not None}, source="rnb sweep")
     from rnb_ray.regroup.regroup import validate as validate_regroup
 
-    if (out / "regrouped").exists() and cfg.write_best:
-        shutil.rmtree(out / "regrouped")  # rewritten for this sweep's best k
     corpus = validate_regroup(rcfg)
     if corpus.num_rows is not None:
         cfg.validate(n_documents=corpus.num_rows)
@@ -310,7 +317,7 @@ def _rows_from(results: Any, cfg: SweepConfig) -> list[TrialRow]:
         steps = m.get("step")
         status = "failed" if r.error else ("completed" if steps is not None and steps >= cfg.trial_steps
                                            else "stopped")
-        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else f"k{c.get('k')}")
+        trial_id = trial_name(int(c["k"]), str(c["setting"]["strategy"]), float(c["setting"]["lam"]))
         rows.append(TrialRow(
             trial_id=str(trial_id), k=int(c["k"]), lam=float(c["setting"]["lam"]),
             strategy=str(c["setting"]["strategy"]),
@@ -363,8 +370,10 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     out = Path(cfg.output).absolute()
     out.mkdir(parents=True, exist_ok=True)
     resume = _check_resumable(out, cfg)
-    if (out / "tune").exists() and not resume:
-        shutil.rmtree(out / "tune")
+    if not resume:
+        for stale in ("tune", "trials"):
+            if (out / stale).exists():
+                shutil.rmtree(out / stale)
     save_config(cfg, out / "config.json")
     require_resources(cpus=cfg.cpus_per_trial, what=f"a sweep trial ({cfg.cpus_per_trial:g} CPU)")
 
@@ -387,7 +396,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     settings = {
         "cpus_per_trial": cfg.cpus_per_trial, "metric": rcfg.metric, "seed": cfg.seed, "max_iter": cfg.max_iter,
         "silhouette_sample": cfg.silhouette_sample, "fail_k": fail_k, "trial_steps": cfg.trial_steps,
-        "eval_every": cfg.eval_every, "train_base": _train_base(cfg),
+        "eval_every": cfg.eval_every, "train_base": _train_base(cfg), "trials_dir": str(out / "trials"),
     }
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data, settings=settings),
                                     {"cpu": cfg.cpus_per_trial})
@@ -413,7 +422,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler,
-                                        max_concurrent_trials=concurrent, reuse_actors=False),
+                                        max_concurrent_trials=concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )

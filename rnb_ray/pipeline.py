@@ -1,0 +1,274 @@
+"""`rnb run`: regroup → sweep k → regroup at the best k → R&B training → report, in one run directory.
+
+Every stage writes into ``RUN/<stage>/`` and, when it finishes, a marker ``RUN/.rnb-stages/<stage>.json``
+holding the hash of its settings and of the stages it read from. A later ``rnb run`` with the same
+settings skips the stage; changed settings redo it and everything downstream. An interrupted stage has
+no marker and is redone; the sweep resumes its Tune experiment (finished trials are kept).
+
+Stages (ARCHITECTURE.md, "Pipeline run directory"):
+
+* ``corpus``  — only without ``--input``: the embedded default corpus, ``RUN/corpus/sample.parquet``.
+* ``sweep``   — embeds the corpus once (cache ``RUN/.rnb-cache``), runs a Ray Tune trial per k,
+  writes ``RUN/sweep/{results.csv,results.json,best.json}``.
+* ``regroup`` — the corpus clustered at the best k with the full distributed k-means: ``RUN/regroup/``.
+* ``train``   — R&B training on the regrouped corpus: ``RUN/train/`` (training run directory).
+* ``report``  — ``RUN/report/report.html`` + PNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rnb_ray.config import to_dict
+from rnb_ray.errors import RnbError
+
+SAMPLE_DOMAIN_COLUMN = "source"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    output: str = field(default="", metadata={"help": "run directory (every stage writes under it)"})
+    input: str | None = field(
+        default=None, metadata={"help": "corpus (parquet file/dir); default: the embedded stdlib-docstring corpus"})
+    text_column: str = field(default="text", metadata={"help": "column holding the documents"})
+    domain_column: str | None = field(
+        default=None,
+        metadata={"help": "original domain column for the cross-tab (default: 'source' for the embedded corpus)"})
+    model: str | None = field(default=None, metadata={"help": "sentence-transformers model (default: MiniLM)"})
+    k: tuple[int, ...] = field(default=(4, 8, 12), metadata={"help": "candidate numbers of domains"})
+    sweep_strategy: tuple[str, ...] = field(
+        default=("stratified",), metadata={"help": "proxy-run sampling in the sweep: stratified and/or rnb"})
+    trial_steps: int = field(default=40, metadata={"help": "training steps of each sweep trial"})
+    sweep_eval_every: int = field(default=10, metadata={"help": "steps between evaluations in sweep trials"})
+    strategy: str = field(default="rnb", metadata={"help": "mixing strategy of the final training"})
+    lam: float = field(default=3.0, metadata={"help": "R&B λ of the final training (and rnb sweep trials)"})
+    steps: int = field(default=120, metadata={"help": "training steps of the final run"})
+    eval_every: int = field(default=20, metadata={"help": "steps between evaluations in the final run"})
+    update_every: int = field(default=10, metadata={"help": "steps per mixing round in the final run"})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers of the final run"})
+    train_config: str | None = field(
+        default=None, metadata={"help": "YAML/JSON TrainConfig for the sweep trials and the final run"})
+    cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default: RUN/.rnb-cache)"})
+    seed: int = field(default=0, metadata={"help": "seed for every stage"})
+    force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
+
+    def validate(self) -> None:
+        if not self.output:
+            raise RnbError("no run directory given", where="--output", fix="pass --output runs/NAME")
+        if self.input is not None and not Path(self.input).exists():
+            raise RnbError(f"input corpus {self.input} does not exist", where="--input",
+                           fix="pass a parquet file or directory, or omit --input for the embedded corpus")
+        for name in ("trial_steps", "steps", "eval_every", "sweep_eval_every", "update_every", "workers"):
+            if getattr(self, name) <= 0:
+                raise RnbError(f"{name} must be positive, got {getattr(self, name)}",
+                               where="--" + name.replace("_", "-"))
+        if self.lam <= 0:
+            raise RnbError(f"λ must be positive, got {self.lam}", where="--lam", fix="the paper uses 3")
+        if self.train_config is not None and not Path(self.train_config).is_file():
+            raise RnbError(f"train config {self.train_config} does not exist", where="--train-config")
+
+
+def settings_hash(settings: dict[str, Any], upstream: list[str] | None = None) -> str:
+    blob = json.dumps({"settings": settings, "upstream": upstream or []}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def portable(settings: dict[str, Any], run: Path) -> dict[str, Any]:
+    """Paths inside the run directory written relative to it, so a moved/copied run stays current."""
+    root = str(run)
+    return {k: ("RUN" + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + os.sep)) else v)
+            for k, v in settings.items()}
+
+
+def _read(p: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class _Stages:
+    """Runs stages in order, skipping those whose marker matches, and records them in pipeline.json.
+
+    Markers live in ``RUN/.rnb-stages/<stage>.json`` (written when the stage finished) and
+    ``<stage>.started.json`` (written before it starts), so a stage's own directory holds only its output.
+    """
+
+    def __init__(self, run: Path, cfg: PipelineConfig, log: Callable[[str], None]):
+        self.run, self.cfg, self.log = run, cfg, log
+        self.markers = run / ".rnb-stages"
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.record: dict[str, dict[str, Any]] = {}
+
+    def stage(self, name: str, settings: dict[str, Any], upstream: list[str],
+              body: Callable[[Path], None], *, resumable: bool = False) -> str:
+        """Run ``body(stage_dir)`` unless a finished stage with the same hash is there; return the hash.
+
+        ``resumable`` stages (the sweep: Tune restores its trials) keep a partial output written with the
+        same settings; the others start from an empty directory.
+        """
+        d = self.run / name
+        settings = portable(settings, self.run)
+        h = settings_hash(settings, upstream)
+        done, started = self.markers / f"{name}.json", self.markers / f"{name}.started.json"
+        marker = _read(done)
+        if not self.cfg.force and marker is not None and marker.get("hash") == h and d.exists():
+            self.log(f"[{name}] up to date (settings {h}), reusing {d}")
+            self.record[name] = {"hash": h, "skipped": True, "seconds": marker.get("seconds", 0.0),
+                                 "output": str(d)}
+            return h
+        done.unlink(missing_ok=True)
+        partial_ok = resumable and not self.cfg.force and (_read(started) or {}).get("hash") == h
+        if d.exists() and not partial_ok:
+            shutil.rmtree(d)  # stale output (other settings) or a partial stage that cannot resume
+        started.write_text(json.dumps({"hash": h}), encoding="utf-8")
+        self.log(f"[{name}] running (settings {h})")
+        t0 = time.perf_counter()
+        body(d)
+        seconds = time.perf_counter() - t0
+        done.write_text(json.dumps({"stage": name, "hash": h, "seconds": seconds, "settings": settings,
+                                    "upstream": upstream}, indent=2, default=str) + "\n", encoding="utf-8")
+        self.log(f"[{name}] done in {seconds:.1f} s")
+        self.record[name] = {"hash": h, "skipped": False, "seconds": seconds, "output": str(d)}
+        return h
+
+
+def _train_base(cfg: PipelineConfig) -> dict[str, Any]:
+    if cfg.train_config is None:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(Path(cfg.train_config).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise RnbError(f"{cfg.train_config} must hold a mapping of TrainConfig settings", where="--train-config")
+    return data
+
+
+def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage into ``cfg.output``; return the pipeline summary (pipeline.json)."""
+    from rnb_ray.config import from_dict
+    from rnb_ray.sweep.config import SweepConfig
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    cfg.validate()
+    run = Path(cfg.output).absolute()
+    if run.exists() and not run.is_dir():
+        raise RnbError(f"--output {run} is a file", fix="pass a directory")
+    if run.is_dir() and any(run.iterdir()) and not (run / "pipeline.json").is_file() \
+            and not any((run / s).is_dir() for s in ("corpus", "sweep", "regroup", "train")):
+        raise RnbError(f"--output {run} is a non-empty directory that is not an rnb run",
+                       fix="choose a new directory for the run")
+    run.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(run, cfg, log)
+    t_start = time.perf_counter()
+
+    # corpus -------------------------------------------------------------------------------------------
+    domain_column = cfg.domain_column
+    if cfg.input is None:
+        from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
+
+        corpus_hash = stages.stage(
+            "corpus", {"modules": list(SAMPLE_MODULES), "python": sys.version.split()[0]}, [],
+            lambda d: write_sample_corpus(d / "sample.parquet"))  # atomic: tmp file, then rename
+        corpus = str(run / "corpus" / "sample.parquet")
+        domain_column = domain_column or SAMPLE_DOMAIN_COLUMN
+    else:
+        corpus = str(Path(cfg.input).absolute())
+        corpus_hash = settings_hash({"input": corpus, "fingerprint": _fingerprint(Path(corpus))})
+    cache_dir = str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else str(run / ".rnb-cache")
+    train_base = _train_base(cfg)
+
+    # Validate every downstream config before any Ray work (bad settings fail in seconds).
+    sweep_cfg = from_dict(SweepConfig, {
+        "input": corpus, "output": str(run / "sweep"), "k": list(cfg.k), "lam": [cfg.lam],
+        "strategy": list(cfg.sweep_strategy), "trial_steps": cfg.trial_steps, "eval_every": cfg.sweep_eval_every,
+        "grace_steps": min(cfg.sweep_eval_every * 2, cfg.trial_steps), "text_column": cfg.text_column,
+        "domain_column": domain_column, "model": cfg.model, "cache_dir": cache_dir,
+        "train_config": cfg.train_config, "write_best": False, "seed": cfg.seed,
+    }, source="rnb run")
+
+    from rnb_ray import ray_env
+
+    ray_env.connect(address)
+
+    # sweep ----------------------------------------------------------------------------------------------
+    from rnb_ray.sweep.tune import run_sweep
+
+    sweep_settings = {k: v for k, v in to_dict(sweep_cfg).items() if k not in ("output", "resume")}
+    sweep_settings["train_config"] = train_base  # the content, not the file name
+    sweep_hash = stages.stage("sweep", sweep_settings, [corpus_hash],
+                              lambda d: run_sweep(dataclasses.replace(sweep_cfg, output=str(d)), log=log),
+                              resumable=True)
+    best = json.loads((run / "sweep" / "best.json").read_text(encoding="utf-8"))
+    best_k = int(best["k"])
+
+    # regroup at the best k --------------------------------------------------------------------------------
+    from rnb_ray.regroup.config import RegroupConfig
+    from rnb_ray.regroup.regroup import regroup
+
+    regroup_fields = {f.name for f in dataclasses.fields(RegroupConfig)}
+    regroup_settings = {k: v for k, v in {
+        "input": corpus, "k": best_k, "text_column": cfg.text_column, "domain_column": domain_column,
+        "model": cfg.model, "cache_dir": cache_dir, "seed": cfg.seed,
+    }.items() if k in regroup_fields and v is not None}
+
+    def do_regroup(d: Path) -> None:
+        regroup(from_dict(RegroupConfig, {**regroup_settings, "output": str(d)}, source="rnb run"))
+
+    regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash], do_regroup)
+
+    # final training -------------------------------------------------------------------------------------------
+    from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.train import train
+
+    train_settings = {**train_base, "data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam,
+                      "steps": cfg.steps, "eval_every": cfg.eval_every, "update_every": cfg.update_every,
+                      "workers": cfg.workers, "seed": cfg.seed, "text_column": cfg.text_column}
+    if domain_column is not None:
+        train_settings.setdefault("category_column", domain_column)
+
+    def do_train(d: Path) -> None:
+        train(from_dict(TrainConfig, {**train_settings, "output": str(d)}, source="rnb run"))
+
+    train_hash = stages.stage("train", train_settings, [regroup_hash], do_train)
+
+    # report ----------------------------------------------------------------------------------------------------
+    summary: dict[str, Any] = {
+        "config": to_dict(cfg), "corpus": corpus, "best": best, "stages": stages.record,
+        "seconds_total": None,
+    }
+    _write_json(run / "pipeline.json", summary)  # the report reads stage timings from it
+
+    def do_report(d: Path) -> None:
+        from rnb_ray.report.html import write_report
+
+        write_report(run, d)
+
+    stages.stage("report", {"version": 1}, [train_hash, sweep_hash], do_report)
+    summary["stages"] = stages.record
+    summary["seconds_total"] = time.perf_counter() - t_start
+    _write_json(run / "pipeline.json", summary)
+    log(f"done in {summary['seconds_total']:.1f} s: best k = {best_k}; report: {run / 'report' / 'report.html'}")
+    return summary
+
+
+def _fingerprint(p: Path) -> list[tuple[str, int, int]]:
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
