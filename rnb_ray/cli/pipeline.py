@@ -8,6 +8,7 @@ import logging
 from rnb_ray.cli import add_address_arg
 from rnb_ray.config import add_config_args, load_config, overrides_from_args
 from rnb_ray.pipeline import PipelineConfig
+from rnb_ray.sweep.tune import quiet_ray_logs
 
 
 def run_pipeline_cmd(args: argparse.Namespace) -> int:
@@ -15,6 +16,7 @@ def run_pipeline_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_config(PipelineConfig, args.config, overrides_from_args(args, PipelineConfig))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    quiet_ray_logs()
     run_pipeline(cfg, address=args.address)
     return 0
 

@@ -8,6 +8,7 @@ import logging
 from rnb_ray.cli import add_address_arg
 from rnb_ray.config import add_config_args, load_config, overrides_from_args
 from rnb_ray.sweep.config import SweepConfig
+from rnb_ray.sweep.tune import quiet_ray_logs
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
@@ -17,6 +18,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     cfg = load_config(SweepConfig, args.config, overrides_from_args(args, SweepConfig))
     _validate_input(cfg)  # bad input fails before Ray starts
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    quiet_ray_logs()
     ray_env.connect(args.address)
     run_sweep(cfg)
     return 0

@@ -468,6 +468,14 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     return doc
 
 
+def quiet_ray_logs() -> None:
+    """Keep the console to our own progress lines: Ray Data's per-operator progress log and Tune's
+    per-trial status tables are noise next to the results table (everything stays in Ray's log files)."""
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
 def _r(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
