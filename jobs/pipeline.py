@@ -1,11 +1,15 @@
-"""Ray job entry point: ``ray job submit -- python jobs/pipeline.py ...``, same flags as ``rnb run``.
+"""Ray job entry point: ``ray job submit --working-dir . -- python jobs/pipeline.py ...``, same flags as ``rnb run``.
 
-Inside a Ray job RAY_ADDRESS points at the cluster, so the stages run there.
+Inside a Ray job RAY_ADDRESS points at the cluster, so every stage runs there.
 """
 
 import sys
+from pathlib import Path
 
-from rnb_ray.cli import main
+# `ray job submit --working-dir . -- python jobs/...` runs this file without the package installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rnb_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))
