@@ -91,3 +91,15 @@ def test_bad_pipeline_settings(tmp_path):
     (tmp_path / "notrun" / "precious.txt").write_text("x")
     with pytest.raises(RnbError, match="not an rnb run"):
         run_pipeline(PipelineConfig(output=str(tmp_path / "notrun")))
+
+
+def test_stage_hash_is_relocatable_and_sensitive(tmp_path):
+    from rnb_ray.pipeline import portable, settings_hash
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    sa = portable({"data": str(a / "regroup"), "steps": 10, "other": "/elsewhere"}, a)
+    sb = portable({"data": str(b / "regroup"), "steps": 10, "other": "/elsewhere"}, b)
+    assert sa == sb == {"data": "RUN/regroup", "steps": 10, "other": "/elsewhere"}
+    assert settings_hash(sa, ["x"]) == settings_hash(sb, ["x"])
+    assert settings_hash(sa, ["x"]) != settings_hash({**sa, "steps": 11}, ["x"])
+    assert settings_hash(sa, ["x"]) != settings_hash(sa, ["y"])  # upstream changes propagate
