@@ -309,28 +309,34 @@ def main() -> None:
     args.sketch_seeds = 3 if q else 5
     args.step_batches, args.step_pairs = (5, 7) if q else (10, 9)
     load_start = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial: dict = {"benchmark": "balance_overhead", "quick": q, "complete": False}
+
+    def save(**parts) -> None:  # after every part, so a cut-short run keeps what it measured
+        partial.update(parts, machine=machine() | {"load_avg_at_start": load_start})
+        out.write_text(json.dumps(partial, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="rnb-bench-") as tmp:
         root = Path(tmp)
         data = Path(args.data) if args.data else make_corpus(root)
         t0 = time.time()
         print("1) rnb vs static through Ray Train, interleaved", flush=True)
         part1 = overhead(data, root, args)
+        save(rnb_vs_static=part1)
         print("1b) training step with vs without exact capture, in process", flush=True)
         torch.manual_seed(0)
         part1b = step_time(data, args)
         part1c = gpt2_small_estimate()
+        save(step_time_in_process=part1b, gpt2_small_estimate=part1c)
         print("2) sketch dimension vs Gram error vs time; 3) which layers", flush=True)
         torch.manual_seed(0)
         model, batches, plan = _model_and_batches(data, args, n_batches=4 if q else 10, warm_steps=20 if q else 100)
         part2 = sketch_study(model, batches, plan, args)
+        save(sketch=part2)
         part3 = layers_study(model, batches, plan, args)
-    result = {"benchmark": "balance_overhead", "quick": q, "machine": machine() | {"load_avg_at_start": load_start},
-              "seconds": time.time() - t0, "capture": "fused (per-domain GEMMs inside the ordinary backward)",
-              "rnb_vs_static": part1, "step_time_in_process": part1b, "gpt2_small_estimate": part1c,
-              "sketch": part2, "capture_layers": part3}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save(capture_layers=part3, complete=True, seconds=time.time() - t0,
+         capture="fused (per-domain GEMMs inside the ordinary backward)")
     for name in [k for k in part1 if k.startswith("rnb")]:
         r = part1[name]
         lt, st = r["loop_time_ratio_vs_static"], r["step_time_ratio_vs_static"]
