@@ -9,7 +9,7 @@ worker with the same new p.
 
 Fault tolerance:
 * The actor is created with ``max_restarts`` and ``max_task_retries=-1``. After every round it writes its
-  state to ``RUN/mixer/state.pkl`` (atomically); a restarted actor reloads it, and the workers' in-flight
+  state to ``RUN/mixer/state.pt`` (atomically); a restarted actor reloads it, and the workers' in-flight
   ``submit`` calls are retried by Ray, so a killed mixer costs one round-trip, not the run. A ``submit``
   for a round already completed returns that round's result (idempotent).
 * When the worker group restarts from a checkpoint (or a run is resumed), rank 0 calls
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +73,37 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _tensors(obj: Any) -> Any:
+    """numpy arrays → torch tensors, so state saves with torch.save and loads with weights_only=True."""
+    import torch
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Mixer state on disk: torch.save of plain containers and tensors (never an arbitrary pickle)."""
+    import torch
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(_tensors(state), tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Inverse of save_state; ``weights_only=True`` so a checkpoint cannot run code when loaded."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class Mixer:
     """See the module docstring. All public methods are actor methods."""
 
@@ -81,7 +111,7 @@ class Mixer:
         self.spec = spec
         self.dir = Path(spec.run_dir) / "mixer"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.dir / "state.pkl"
+        self.state_path = self.dir / "state.pt"
         self.metrics_path = Path(spec.run_dir) / "metrics.jsonl"
         self.m = len(spec.domains)
         self._pending: dict[int, dict[int, dict[str, Any]]] = {}
@@ -90,7 +120,7 @@ class Mixer:
         self._fresh()
         self.restarted = False
         if self.state_path.is_file():  # a restart after a crash: continue where the last round left off
-            self._load(pickle.loads(self.state_path.read_bytes()))
+            self._load(load_state(self.state_path))
             self.restarted = True
         self.metrics = self._read_metrics()
 
@@ -120,7 +150,7 @@ class Mixer:
         self.flops = int(state.get("flops", 0))
 
     def _persist(self) -> None:
-        _atomic_write(self.state_path, pickle.dumps(self.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
+        save_state(self.state_path, self.state_dict())
 
     def restore(self, state: dict[str, Any] | None, step: int) -> dict[str, Any]:
         """(Re)start the run at ``step`` from a checkpoint's mixer state (None: from scratch)."""

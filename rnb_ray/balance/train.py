@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from rnb_ray.balance.lm import (
     matmul_params,
     per_example_loss,
 )
-from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer
+from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer, load_state, save_state
 from rnb_ray.balance.sampler import DomainSampler
 from rnb_ray.config import save_config
 from rnb_ray.errors import RnbError
@@ -389,7 +388,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
     mixer_state = None
     with ctx.checkpoint_dir() as ck:
         if ck is not None:
-            state = pickle.loads((ck / "trainer.pkl").read_bytes())
+            state = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=True)
             if state["world"] != world:
                 raise RnbError(f"the checkpoint was written by {state['world']} workers, this run has {world}",
                                where=str(ck), fix=f"resume with --workers {state['world']}")
@@ -400,7 +399,7 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             torch.set_rng_state(state["torch_rng"][rank])
             start, p, pending = state["step"], np.asarray(state["p"]), state["pending_round"]
             totals = _Totals(**state["totals"][rank])
-            mixer_state = pickle.loads((ck / "mixer.pkl").read_bytes())
+            mixer_state = load_state(ck / "mixer.pt")
     if rank == 0:
         mixer.call("restore", mixer_state, start)
     ctx.barrier()
@@ -589,8 +588,8 @@ def _checkpoint(ctx, mixer, raw_model, opt, sched, sampler, totals: _Totals, cap
             trainer_state = {"step": step, "world": world, "p": list(map(float, p)), "pending_round": pending_round,
                              "scheduler": sched.state_dict(), "samplers": [s["sampler"] for s in states],
                              "torch_rng": [s["rng"] for s in states], "totals": [s["totals"] for s in states]}
-            (d / "trainer.pkl").write_bytes(pickle.dumps(trainer_state))
-            (d / "mixer.pkl").write_bytes(pickle.dumps(mixer.call("state_dict")))
+            torch.save(trainer_state, d / "trainer.pt")  # read back with weights_only=True
+            save_state(d / "mixer.pt", mixer.call("state_dict"))
             ctx.save_checkpoint(d, step, {"step": step})
     else:
         ctx.save_checkpoint(None, step, {"step": step})

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(REPO / "rnb_ray").rglob("*.py"), *(REPO / "jobs").glob("*.py")])
 
@@ -54,8 +52,6 @@ def test_torch_load_is_weights_only():
     assert not bad, f"torch.load without weights_only=True: {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="balance checkpoints (trainer.pkl, mixer.pkl, mixer/state.pkl) are "
-                                       "pickles; reported to the Balance owner")
 def test_checkpoints_are_not_unpickled():
     """Checkpoint and run-directory state is read with torch.load(weights_only=True) or JSON, never
     pickle.load(s): a checkpoint directory must not be able to run code in the training workers."""
