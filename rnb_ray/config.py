@@ -147,12 +147,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         base, _ = _unwrap_optional(_field_types(cls)[f.name])
         helptext = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
+        if "default" not in helptext:  # help texts that explain their own default keep it
+            helptext = f"{helptext} (default: {default})".strip()
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{helptext} (default: {default})")
+                                help=helptext)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f"{helptext} (default: {default})")
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=helptext)
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
