@@ -183,7 +183,9 @@ def _sweep_section(d: dict[str, Any], figs: dict[str, Path | None]) -> str:
         r = g.get("spearman")
         verdict = ("the cheap criterion picked the same k" if g.get("agrees") else
                    "the cheap criterion picked a different k: keep the training sweep")
-        parts.append(f"<p>Silhouette vs loss ({_e(g.get('strategy'))}, λ={_e(g.get('lam'))}, n={_e(g.get('n'))}): "
+        at = f" at step {_e(g['at_step'])}" if g.get("at_step") is not None else ""
+        parts.append(f"<p>Silhouette vs held-out loss{at} ({_e(g.get('strategy'))}, λ={_e(g.get('lam'))}, "
+                     f"n={_e(g.get('n'))}): "
                      f"Spearman {_num(r, 2)}, Pearson {_num(g.get('pearson'), 2)} (negative = agreement); best "
                      f"silhouette k={_e(g.get('k_best_silhouette'))}, best loss k={_e(g.get('k_best_loss'))} — "
                      f"{_e(verdict)}.</p>")

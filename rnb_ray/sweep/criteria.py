@@ -44,11 +44,11 @@ class TrialRow:
     largest_domain: int | None = None
     seconds: float | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss, every evaluation
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
+        d.pop("losses")
         return d
 
 
@@ -120,8 +120,8 @@ def silhouette_agreement(rows: Sequence[TrialRow]) -> list[dict[str, Any]]:
     Higher silhouette is better and lower loss is better, so a useful cheap criterion shows a
     *negative* correlation. ``agrees`` says whether the k with the highest silhouette is also the k with
     the lowest loss — the question a user asks before skipping the training sweep.
-    Only trials with both numbers and the same number of steps as the group's longest trial count, so
-    early-stopped trials (loss measured earlier) do not distort the comparison.
+    Losses are compared at the same step: the last evaluation step every trial of the group reached
+    (``at_step``), so trials the scheduler stopped early are compared fairly with the finished ones.
     """
     groups: dict[tuple[float, str], list[TrialRow]] = {}
     for r in rows:
@@ -130,17 +130,19 @@ def silhouette_agreement(rows: Sequence[TrialRow]) -> list[dict[str, Any]]:
         groups.setdefault((r.lam, r.strategy), []).append(r)
     out = []
     for (lam, strategy), members in sorted(groups.items()):
-        max_steps = max((r.steps or 0) for r in members)
-        full = [r for r in members if (r.steps or 0) == max_steps]
-        usable = full if len(full) >= 3 else members
-        sil = [float(r.silhouette) for r in usable]  # type: ignore[arg-type]
-        loss = [float(r.eval_loss) for r in usable]  # type: ignore[arg-type]
-        best_sil = max(usable, key=lambda r: (r.silhouette, -r.k))
-        best_loss = min(usable, key=lambda r: (r.eval_loss, r.k))
+        common = set.intersection(*(set(r.losses) for r in members)) if all(r.losses for r in members) else set()
+        at = max(common) if common else None
+        loss_of = {id(r): float(r.losses[at]) if at is not None else float(r.eval_loss)  # type: ignore[arg-type]
+                   for r in members}
+        sil = [float(r.silhouette) for r in members]  # type: ignore[arg-type]
+        loss = [loss_of[id(r)] for r in members]
+        best_sil = max(members, key=lambda r: (r.silhouette, -r.k))
+        best_loss = min(members, key=lambda r: (loss_of[id(r)], r.k))
         out.append({
             "lam": lam,
             "strategy": strategy,
-            "n": len(usable),
+            "n": len(members),
+            "at_step": at,
             "pearson": pearson(sil, loss),
             "spearman": spearman(sil, loss),
             "k_best_silhouette": best_sil.k,

@@ -307,13 +307,14 @@ def _rows_from(results: Any, cfg: SweepConfig) -> list[TrialRow]:
     for r in results:
         c = r.config or {}
         m = r.metrics or {}
-        best = None
+        best, losses = None, {}
         try:
             df = r.metrics_dataframe
-            if df is not None and "eval_loss" in df:
+            if df is not None and "eval_loss" in df and "step" in df:
                 best = float(df["eval_loss"].min())
+                losses = {int(st): float(v) for st, v in zip(df["step"], df["eval_loss"], strict=True)}
         except Exception:  # noqa: BLE001 - a trial with no results has no dataframe
-            best = None
+            best, losses = None, {}
         steps = m.get("step")
         status = "failed" if r.error else ("completed" if steps is not None and steps >= cfg.trial_steps
                                            else "stopped")
@@ -325,7 +326,7 @@ def _rows_from(results: Any, cfg: SweepConfig) -> list[TrialRow]:
             silhouette=m.get("silhouette"), inertia=m.get("inertia"), smallest_domain=m.get("smallest_domain"),
             largest_domain=m.get("largest_domain"),
             seconds=m.get("time_total_s") if m.get("time_total_s") is not None else m.get("seconds"),
-            error=_error_text(r.error),
+            error=_error_text(r.error), losses=losses,
         ))
     return sort_rows(rows)
 
@@ -438,7 +439,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     table = format_table(rows, best)
     say("[sweep] results (* = best):\n" + table)
     for g in agreement:
-        say(f"[sweep] silhouette vs held-out loss ({g['strategy']}, λ={g['lam']:g}, {g['n']} k values): "
+        say(f"[sweep] silhouette vs held-out loss at step {g['at_step']} ({g['strategy']}, λ={g['lam']:g}, "
+            f"{g['n']} k values): "
             f"Spearman {_r(g['spearman'])}, Pearson {_r(g['pearson'])}; best-silhouette k={g['k_best_silhouette']}, "
             f"best-loss k={g['k_best_loss']} ({'agree' if g['agrees'] else 'disagree'})")
     doc = {"trials": [r.to_dict() for r in rows], "silhouette_vs_loss": agreement,

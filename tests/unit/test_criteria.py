@@ -75,6 +75,17 @@ def test_silhouette_agreement_reports_sign_and_argmax():
     assert g["k_best_silhouette"] == 12
 
 
+def test_silhouette_agreement_compares_losses_at_a_common_step():
+    # k=4 ran 40 steps (loss fell to 2.0), k=8 and k=12 were stopped at 20: compare everyone at step 20.
+    rows = [row(4, 2.0, sil=0.10, losses={10: 3.5, 20: 3.0, 30: 2.5, 40: 2.0}),
+            row(8, 2.8, sil=0.20, status="stopped", steps=20, losses={10: 3.3, 20: 2.8}),
+            row(12, 2.9, sil=0.30, status="stopped", steps=20, losses={10: 3.2, 20: 2.9})]
+    (g,) = silhouette_agreement(rows)
+    assert g["at_step"] == 20
+    assert g["k_best_loss"] == 8  # at step 20, not k=4's later 2.0
+    assert g["spearman"] == pytest.approx(-0.5)  # losses at step 20: 3.0, 2.8, 2.9
+
+
 def test_silhouette_agreement_groups_by_lam_and_strategy_and_skips_failed():
     rows = [row(k, 2 + k / 10, sil=1 / k, strategy=s) for k in (4, 8, 12) for s in ("stratified", "rnb")]
     rows.append(row(16, None, sil=0.5, status="failed"))
