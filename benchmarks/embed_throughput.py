@@ -40,6 +40,9 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray starts its workers at niceness 15; on a machine shared with other work that alone would starve the
+# Ray side against a baseline at niceness 0. Both sides run at the same priority here.
+os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rnb_ray.regroup.embed import Embedder  # noqa: E402

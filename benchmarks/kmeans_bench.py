@@ -33,6 +33,10 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+# Ray starts its workers at niceness 15; on a machine shared with other work that alone would starve the
+# Ray side against a baseline at niceness 0. Both sides run at the same priority here.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 D, K = 384, 16
 
 

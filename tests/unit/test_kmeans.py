@@ -31,7 +31,7 @@ def test_assign_matches_brute_force():
 
 
 def test_partials_add_up_to_whole():
-    X = blobs()
+    X = blobs(dtype=np.float64)  # float64 data: sums are exact to rounding whatever the blocking
     C = X[:5].astype(np.float64)
     whole = km.partial_step(X, C, "euclidean", with_moments=True)
     parts = [km.partial_step(X[i:i + 97], C, "euclidean", with_moments=True) for i in range(0, len(X), 97)]
@@ -44,6 +44,13 @@ def test_partials_add_up_to_whole():
     assert total.inertia == pytest.approx(whole.inertia, rel=1e-12)
     for a, b in zip(total.moments, whole.moments, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+    # float32 data: float32 rounding inside a chunk only
+    X32 = X.astype(np.float32)
+    labels = km.assign(X32, X[:5], "euclidean")[0]
+    sums, counts = km.cluster_sums(X32, labels, 5, chunk=64)
+    exact = np.stack([X32[labels == c].astype(np.float64).sum(0) for c in range(5)])
+    np.testing.assert_allclose(sums, exact, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=5))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
