@@ -132,6 +132,18 @@ def _summary(run: RunFiles, d: dict[str, Any]) -> str:
     for key in ("steps", "final_train_loss", "final_eval_loss", "seconds"):
         if key in res:
             rows.append((key.replace("_", " "), _num(res[key]) if isinstance(res[key], float) else res[key]))
+    # Cost of the mixing method beyond training: R&B's own work (capture + Gram) and any extra
+    # evaluation passes a baseline makes, from the same result.json fields for every strategy.
+    if "flops_train" in res:
+        train_flops = float(res["flops_train"]) or 1.0
+        balance = float(res.get("flops_balance", 0.0))
+        extra = float(res.get("extra_flops", 0.0))
+        rows.append(("mixing cost, FLOPs (share of training)",
+                     f"balance {balance:.3g} ({100 * balance / train_flops:.3g}%), "
+                     f"extra evaluation passes {extra:.3g} ({100 * extra / train_flops:.3g}%)"))
+        rows.append(("mixing cost, seconds",
+                     f"capture {res.get('seconds_capture', 0):.3g}, mixer round-trip {res.get('seconds_mixer', 0):.3g}, "
+                     f"extra evaluation {res.get('extra_seconds', 0):.3g} (training {res.get('seconds_train', 0):.3g})"))
     pipe = d["pipeline"] or {}
     for stage, info in (pipe.get("stages") or {}).items():
         if isinstance(info, dict):

@@ -58,6 +58,10 @@ def test_report_of_a_pipeline_run(run_dir, tmp_path):
     assert "<script" not in page.lower()
     best = json.loads((run_dir / "sweep" / "best.json").read_text())
     assert f"k = {best['k']}" in page
+    # The mixing method's cost beyond training, from result.json, as a share of training FLOPs.
+    result = json.loads((run_dir / "train" / "result.json").read_text())
+    share = 100 * result["flops_balance"] / result["flops_train"]
+    assert f"balance {result['flops_balance']:.3g} ({share:.3g}%)" in page
 
 
 def test_report_of_a_training_run_dir(run_dir, tmp_path):
