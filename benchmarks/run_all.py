@@ -5,14 +5,14 @@
     make bench / make bench-quick
 
 Runs, each as its own process (so one failing script does not stop the others; a crash is recorded):
-``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py`` and ``fidelity.py`` (reduced with
+``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``sweep_layout.py`` and ``fidelity.py`` (reduced with
 --quick). Every script writes ``benchmarks/results/<name>.json``; this script then writes
 ``benchmarks/results/suite.json`` (what ran, exit codes, seconds, machine) and rewrites the block between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md — nothing else in the README.
 
 Table rows come from each result file: a ``"table"`` list of ``{"metric", "value", "baseline", "ratio",
-"note"}`` rows when present, else a ``"ratios"`` mapping ``{label: ratio}``; fidelity contributes its
-markdown table (``fidelity.md``).
+"note"}`` rows when present, else a ``"ratios"`` mapping ``{label: ratio}``, else every number whose key
+names a ratio; fidelity contributes its markdown table (``fidelity.md``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ SUITE: list[tuple[str, str, str, list[str]]] = [
     ("embedding throughput", "embed_throughput.py", "embed_throughput.json", ["--quick"]),
     ("k-means", "kmeans_bench.py", "kmeans_bench.json", ["--quick"]),
     ("Balance overhead", "balance_overhead.py", "balance_overhead.json", ["--quick"]),
+    ("sweep layout", "sweep_layout.py", "sweep_layout.json", ["--quick"]),
     ("fidelity (R&B vs baselines on fortunes)", "fidelity.py", "fidelity.json", ["--quick"]),
 ]
 
@@ -101,7 +102,21 @@ def rows_from(result: dict[str, Any]) -> list[list[str]]:
                  _fmt(r.get("note"))] for r in result["table"] if isinstance(r, dict)]
     if isinstance(result.get("ratios"), dict):
         return [[str(k), "", "", _fmt(v), ""] for k, v in result["ratios"].items()]
-    return []
+    return [[k, "", "", _fmt(v), ""] for k, v in _ratio_leaves(result)][:8]
+
+
+def _ratio_leaves(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
+    """Fallback for result files without a table: every number whose key names a ratio (2 levels deep)."""
+    out: list[tuple[str, float]] = []
+    if not isinstance(obj, dict) or depth > 2:
+        return out
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, int | float) and not isinstance(v, bool) and "ratio" in k.lower():
+            out.append((name, float(v)))
+        elif isinstance(v, dict):
+            out.extend(_ratio_leaves(v, f"{name}.", depth + 1))
+    return out
 
 
 def render(statuses: dict[str, dict[str, Any]], quick: bool, info: dict[str, Any]) -> str:

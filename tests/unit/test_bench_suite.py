@@ -39,6 +39,8 @@ def test_rows_from_table_and_ratios():
     assert rows == [["docs/s", "120", "60", "2", ""]]
     assert run_all.rows_from({"ratios": {"actors=2 vs 1": 1.8}}) == [["actors=2 vs 1", "", "", "1.8", ""]]
     assert run_all.rows_from({"something": 1}) == []
+    nested = {"a": {"speed_ratio": 1.5, "n": 3}, "ratio_total": 2, "flag_ratio": True}
+    assert run_all.rows_from(nested) == [["a.speed_ratio", "", "", "1.5", ""], ["ratio_total", "", "", "2", ""]]
 
 
 def test_fidelity_wins_are_paired_by_seed_and_summary_is_mean_std():
