@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,10 +56,11 @@ def synthetic_fast(n: int, seed: int = 0) -> np.ndarray:
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """Current resident memory of this process (or one of its components: RssAnon, RssShmem)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -125,9 +125,13 @@ def memory_child(n: int, iters: int, cpus: int) -> None:
     t = time.perf_counter()
     res = fit_kmeans(ds, K, metric="cosine", seed=0, max_iter=iters, tol=0.0, sample_size=20_000, verbose=False)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the
+    # parent benchmark's RSS (which holds the speed test's data) instead of this driver's own peak
+    peak = rss_mib("VmHWM")
+    # the part of RSS that is the driver's own heap, vs pages of Ray's shared-memory object store it mapped
     print(json.dumps({"n": n, "rss_before_mib": before, "peak_rss_mib": peak, "peak_above_start_mib": peak - before,
-                      "seconds": seconds, "iterations": res.iterations}))
+                      "rss_after_anon_mib": rss_mib("RssAnon"), "rss_after_shmem_mib": rss_mib("RssShmem"),
+                      "rss_after_file_mib": rss_mib("RssFile"), "seconds": seconds, "iterations": res.iterations}))
     ray.shutdown()
 
 
