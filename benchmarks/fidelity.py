@@ -312,11 +312,11 @@ def same_finished_run(run: Path, cfg: Any) -> bool:
 
 
 def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path, options: dict,
-            reuse: bool = True) -> dict[str, Any]:
+            reuse: bool = True, tag: str = "") -> dict[str, Any]:
     from rnb_ray.balance.config import TrainConfig
     from rnb_ray.balance.train import train
 
-    run = work / "runs" / f"{arm.name.replace('/', '_')}_s{seed}"
+    run = work / f"runs{tag}" / f"{arm.name.replace('/', '_')}_s{seed}"  # a tag keeps variants apart
     if arm.domains == "original":
         data, eval_data, dom = paths["train"], paths["val"], "source"
     else:
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in seeds:
         for name in arms:
-            runs.append(run_arm(ARMS[name], seed, s, paths, work, options, reuse=not args.fresh))
+            runs.append(run_arm(ARMS[name], seed, s, paths, work, options, reuse=not args.fresh, tag=args.tag))
     summary = summarize(runs, arms)
     win_rows = [wins(runs, a, b) for a, b in [("rnb/regrouped", "stratified/original"),
                                                ("rnb/regrouped", "stratified/regrouped"),

@@ -78,13 +78,21 @@ def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
         clipped |= newly
 
 
-def domain_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-domain mean gradients; rows of domains with no examples are NaN (the RoundStats convention)."""
-    sums = np.asarray(sums, dtype=np.float64)
+def domain_means(sums: np.ndarray, counts: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Per-domain mean gradients; rows of domains with no examples are NaN (the RoundStats convention).
+
+    ``out=sums`` (a float64 array) divides in place: at m × |head| sizes a round's arrays are hundreds of
+    MB, and every full copy costs more than the Gram matrix itself."""
     counts = np.asarray(counts, dtype=np.float64)
-    out = np.full_like(sums, np.nan)
-    seen = counts > 0
-    out[seen] = sums[seen] / counts[seen, None]
+    if out is None:
+        out = np.array(sums, dtype=np.float64)
+    elif out is not sums:
+        out[...] = sums
+    for i, c in enumerate(counts):  # row by row: no (m, D) temporaries
+        if c > 0:
+            out[i] /= c
+        else:
+            out[i] = np.nan
     return out
 
 
@@ -108,19 +116,22 @@ class RnB(Strategy):
         self.last_gram: np.ndarray | None = None
 
     def update(self, p: np.ndarray, stats: RoundStats) -> tuple[np.ndarray, str | None]:
+        """May fill ``stats.grads``' absent rows in place and keep it as the estimate (no (m, D) copy)."""
         if stats.grads is None:
             return p, "no per-domain gradients in this round"
         grads = np.asarray(stats.grads, dtype=np.float64)
         present = np.asarray(stats.counts) > 0
         if not present.any():
             return p, "no training examples in this round"
-        if not np.all(np.isfinite(grads[present])):
-            bad = [i for i in np.flatnonzero(present) if not np.all(np.isfinite(grads[i]))]
+        # A row's sum is non-finite iff the row has a NaN/inf (or overflows, which is as unusable).
+        bad = [int(i) for i in np.flatnonzero(present) if not np.isfinite(grads[i].sum())]
+        if bad:
             return p, f"non-finite gradient for domain(s) {bad}"
         if self.last_grads is None or self.last_grads.shape != grads.shape:
             self.last_grads = np.zeros_like(grads)
-        est = self.last_grads.copy()
-        est[present] = grads[present]  # a domain absent from this round keeps its last estimate
+        est = grads if grads is not stats.grads or grads.flags.writeable else grads.copy()
+        for i in np.flatnonzero(~present):  # a domain absent from this round keeps its last estimate
+            est[i] = self.last_grads[i]
         G = gram(est)
         new_p, reason = rnb_mixture(G, self.q, self.lam)
         if new_p is None:
