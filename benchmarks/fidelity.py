@@ -375,7 +375,8 @@ def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="R&B fidelity benchmark on the fortunes corpus")
     ap.add_argument("--quick", action="store_true", help="reduced form: arms 1/3/4/5, 1 seed, fewer steps")
-    ap.add_argument("--arms", default="", help=f"comma-separated arms (default: all): {', '.join(ARMS)}")
+    ap.add_argument("--arms", default="", help=f"comma-separated arms or 'all' (default: all; quick: 1/3/4/5): "
+                    f"{', '.join(ARMS)}")
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default 0,1,2; quick: 0)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--update-every", type=int, default=None)
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None}
     if over:
         s = Settings(**(s.__dict__ | over))
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or (QUICK_ARMS if args.quick else list(ARMS))
+    arms = ([a.strip() for a in args.arms.split(",") if a.strip()] if args.arms != "all" else list(ARMS)) \
+        or (QUICK_ARMS if args.quick else list(ARMS))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         print(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}", file=sys.stderr)

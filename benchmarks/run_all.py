@@ -33,13 +33,25 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-# (name, script, result json, extra args for --quick)
-SUITE: list[tuple[str, str, str, list[str]]] = [
-    ("embedding throughput", "embed_throughput.py", "embed_throughput.json", ["--quick"]),
-    ("k-means", "kmeans_bench.py", "kmeans_bench.json", ["--quick"]),
-    ("Balance overhead", "balance_overhead.py", "balance_overhead.json", ["--quick"]),
-    ("sweep layout", "sweep_layout.py", "sweep_layout.json", ["--quick"]),
-    ("fidelity (R&B vs baselines on fortunes)", "fidelity.py", "fidelity.json", ["--quick"]),
+# (name, script, result json, args in the full suite, args in the reduced suite)
+FIDELITY_SMOKE = ["--quick", "--arms", "stratified/original,rnb/original", "--seeds", "0", "--steps", "40",
+                  "--tag", "_smoke"]
+SUITE: list[tuple[str, str, str, list[str], list[str]]] = [
+    ("embedding throughput", "embed_throughput.py", "embed_throughput.json", ["--quick"], ["--quick"]),
+    ("k-means", "kmeans_bench.py", "kmeans_bench.json", [], ["--quick"]),
+    ("Balance overhead", "balance_overhead.py", "balance_overhead.json", ["--quick"],
+     ["--quick", "--pairs", "1", "--sketch-runs", "0"]),
+    ("sweep layout", "sweep_layout.py", "sweep_layout.json", [], ["--quick"]),
+    # Full suite: the reduced fidelity setting (80 steps, every arm, 3 seeds; finished runs with an identical
+    # config are reused). Reduced suite: 2 arms x 1 seed x 40 steps on the original categories (no regroup).
+    ("fidelity (R&B vs baselines on fortunes)", "fidelity.py", "fidelity.json",
+     ["--quick", "--arms", "all", "--seeds", "0,1,2", "--k", "20"], FIDELITY_SMOKE),
+]
+# Markdown tables shown under the ratio table when present (fidelity.py / fidelity_investigate.py write them).
+FIDELITY_TABLES: list[tuple[str, str]] = [
+    ("fidelity.md", "**Fidelity**, reduced setting (held-out loss on fortunes, lower is better):"),
+    ("fidelity_long.md", "**Fidelity**, longer training (the five arms of the issue):"),
+    ("fidelity_investigation.md", "**Why R&B does or does not win here** (`benchmarks/fidelity_investigate.py`):"),
 ]
 
 
@@ -131,7 +143,7 @@ def render(statuses: dict[str, dict[str, Any]], quick: bool, info: dict[str, Any
         "| benchmark | metric | value | baseline | ratio | note |",
         "|---|---|---|---|---|---|",
     ]
-    for name, script, result_file, _ in SUITE:
+    for name, script, result_file, _, _ in SUITE:
         st = statuses.get(script, {})
         if script == "fidelity.py":
             continue
@@ -143,13 +155,21 @@ def render(statuses: dict[str, dict[str, Any]], quick: bool, info: dict[str, Any
             lines.append(f"| {name} | *{st.get('status', 'not run')}* | | | | |")
         for r in rows:
             lines.append(f"| {name} | " + " | ".join(r) + " |")
-    fid_md = RESULTS / "fidelity.md"
     fid = statuses.get("fidelity.py", {})
-    lines += ["", "**Fidelity** (held-out loss on fortunes, lower is better):", ""]
-    if fid.get("status") == "ok" and fid_md.is_file():
-        lines.append(fid_md.read_text().strip())
-    else:
-        lines.append(f"*fidelity benchmark: {fid.get('status', 'not run')}*")
+    if quick and not render_only:
+        smoke = RESULTS / "fidelity_smoke.md"
+        lines += ["", "**Fidelity smoke test** (reduced suite: 2 arms, 1 seed, 40 steps — a check that it runs, "
+                  "not evidence):", ""]
+        lines.append(smoke.read_text().strip() if fid.get("status") == "ok" and smoke.is_file()
+                     else f"*fidelity smoke test: {fid.get('status', 'not run')}*")
+    shown = False
+    for file, title in FIDELITY_TABLES:
+        path = RESULTS / file
+        if path.is_file():
+            lines += ["", title, "", path.read_text().strip()]
+            shown = True
+    if not shown:
+        lines += ["", f"*fidelity benchmark: {fid.get('status', 'not run')}*"]
     return "\n".join(lines)
 
 
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     statuses: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    for name, script, result_file, quick_args in SUITE:
+    for name, script, result_file, full_args, quick_args in SUITE:
         if only and script not in only and script.removesuffix(".py") not in only:
             continue
         if args.render_only:
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             statuses[script] = {"status": "ok" if present else "not run", "seconds": 0.0, "reused": True}
             continue
         print(f"== {name} ({script})", flush=True)
-        statuses[script] = run_script(script, quick_args if args.quick else [], timeout=1800)
+        statuses[script] = run_script(script, quick_args if args.quick else full_args, timeout=1800)
         print(f"   -> {statuses[script]['status']} in {statuses[script]['seconds']} s", flush=True)
         if statuses[script].get("stderr_tail"):
             print(statuses[script]["stderr_tail"], file=sys.stderr)

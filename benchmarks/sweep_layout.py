@@ -28,6 +28,15 @@ sys.path.insert(0, str(HERE.parent))
 RESULTS = HERE / "results"
 
 
+def table_rows(res: dict) -> list[dict]:
+    """The README row (run_all.py): Tune wall time of 1 trial × 2 CPUs over 2 trials × 1 CPU, same trials."""
+    return [{"metric": "sweep wall time: 1 trial × 2 CPUs / 2 trials × 1 CPU",
+             "value": res["one_trial_2cpu"]["seconds_tune"], "baseline": res["two_trials_1cpu"]["seconds_tune"],
+             "ratio": res["ratio_one_trial_2cpu_over_two_trials_1cpu"],
+             "note": f"{len(res['one_trial_2cpu']['trial_seconds'])} trials, {res['trial_steps']} steps each; "
+                     "> 1: run trials side by side"}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -71,6 +80,7 @@ def main() -> None:
                                                         / out["two_trials_1cpu"]["seconds_tune"])
     out["machine"]["load_avg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
+    out["table"] = table_rows(out)
     (RESULTS / "sweep_layout.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
