@@ -149,6 +149,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         default = f.default if f.default is not dataclasses.MISSING else None
         if "default" not in helptext:  # help texts that explain their own default keep it
             helptext = f"{helptext} (default: {default})".strip()
+        helptext = helptext.replace("%", "%%")  # argparse %-formats help strings ("10%" crashed --help)
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=helptext)

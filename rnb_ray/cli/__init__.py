@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_stage_command(subparsers, name: str, cfg_cls: type, handler, *, help: str,  # noqa: A002
+                      description: str) -> argparse.ArgumentParser:
+    """One stage's subcommand: its config dataclass's fields as flags, ``--address``, and the handler."""
+    from rnb_ray.config import add_config_args
+
+    p = subparsers.add_parser(name, help=help, description=description)
+    add_config_args(p, cfg_cls)
+    add_address_arg(p)
+    p.set_defaults(handler=handler)
+    return p
+
+
 def add_address_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rnb_ray.cli import add_address_arg
-from rnb_ray.config import add_config_args, load_config, overrides_from_args
+from rnb_ray.cli import add_stage_command
+from rnb_ray.config import load_config, overrides_from_args
 from rnb_ray.pipeline import PipelineConfig
 from rnb_ray.sweep.tune import quiet_ray_logs
 
@@ -22,12 +22,9 @@ def run_pipeline_cmd(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "run",
+    add_stage_command(
+        subparsers, "run", PipelineConfig, run_pipeline_cmd,
         help="the whole method in one command: regroup, sweep k, train with R&B, report",
         description="Without --input, runs on the embedded corpus (standard-library docstrings). Every stage "
                     "writes under --output; a stage whose output exists for the same settings is reused.",
     )
-    add_config_args(p, PipelineConfig)
-    add_address_arg(p)
-    p.set_defaults(handler=run_pipeline_cmd)

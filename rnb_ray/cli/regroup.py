@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 
-from rnb_ray.cli import add_address_arg
-from rnb_ray.config import add_config_args, load_config, overrides_from_args
+from rnb_ray.cli import add_stage_command
+from rnb_ray.config import load_config, overrides_from_args
 from rnb_ray.regroup.config import AssignConfig, RegroupConfig
 
 
@@ -49,21 +49,15 @@ def run_assign(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "regroup",
+    add_stage_command(
+        subparsers, "regroup", RegroupConfig, run_regroup,
         help="embed a corpus and cluster it into k domains",
         description="Embed a corpus with sentence-transformers on Ray Data, cluster it with distributed k-means, "
                     "and write it split into domains (OUT/data/domain=<id>/, OUT/domains.json).",
     )
-    add_config_args(p, RegroupConfig)
-    add_address_arg(p)
-    p.set_defaults(handler=run_regroup)
 
-    a = subparsers.add_parser(
-        "assign",
+    add_stage_command(
+        subparsers, "assign", AssignConfig, run_assign,
         help="route new documents to the domains of an earlier regroup",
         description="Embed new documents with the regroup's model and give each the nearest centroid's domain.",
     )
-    add_config_args(a, AssignConfig)
-    add_address_arg(a)
-    a.set_defaults(handler=run_assign)

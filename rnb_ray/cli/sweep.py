@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rnb_ray.cli import add_address_arg
-from rnb_ray.config import add_config_args, load_config, overrides_from_args
+from rnb_ray.cli import add_stage_command
+from rnb_ray.config import load_config, overrides_from_args
 from rnb_ray.sweep.config import SweepConfig
 from rnb_ray.sweep.tune import quiet_ray_logs
 
@@ -25,13 +25,10 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sweep",
+    add_stage_command(
+        subparsers, "sweep", SweepConfig, run_sweep_cmd,
         help="pick the number of domains k with Ray Tune (proxy training runs + silhouette)",
         description="Embed the corpus once, then one Ray Tune trial per (k, λ, strategy): cluster into k "
                     "domains, train a short proxy run, report held-out loss (ASHA stops poor trials). Writes "
                     "OUT/results.csv, OUT/results.json, OUT/best.json and (--write-best) OUT/regrouped/.",
     )
-    add_config_args(p, SweepConfig)
-    add_address_arg(p)
-    p.set_defaults(handler=run_sweep_cmd)

@@ -7,8 +7,8 @@ import json
 import logging
 
 from rnb_ray.balance.config import TrainConfig, resume_overrides
-from rnb_ray.cli import add_address_arg
-from rnb_ray.config import add_config_args, load_config, overrides_from_args
+from rnb_ray.cli import add_stage_command
+from rnb_ray.config import load_config, overrides_from_args
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -36,14 +36,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
+    add_stage_command(
+        subparsers, "train", TrainConfig, run_train,
         help="train a language model with an R&B (or baseline) data mixture on Ray Train",
         description="Train on a corpus with a domain column (e.g. `rnb regroup` output) with TorchTrainer; the "
                     "run's mixer actor updates the mixture every --update-every steps from per-domain gradients "
                     "captured in the ordinary backward pass. Writes RUN/{config.json,metrics.jsonl,mixture.json,"
                     "result.json,checkpoints/}. Continue a run with --resume RUN.",
     )
-    add_config_args(p, TrainConfig)
-    add_address_arg(p)
-    p.set_defaults(handler=run_train)
