@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from rnb_ray import storage
 from rnb_ray.errors import RnbError
 
 ROW_ID = "__rnb_row_id"
@@ -90,13 +92,60 @@ def list_input_files(input_path: str | Path) -> tuple[str, list[Path]]:
             fix=f"use parquet, jsonl or csv files (extensions: {', '.join(sorted(FORMATS))})"
             + ("; move other files out of the input directory" if p.is_dir() else ""),
         )
-    formats = {FORMATS[_suffix(f)] for f in files}
+    return _one_format(files, str(p)), files
+
+
+def _one_format(files: list, where: str) -> str:
+    formats = {FORMATS[_suffix(Path(f))] for f in files}
     if len(formats) > 1:
-        raise RnbError(f"input directory {p} mixes formats ({', '.join(sorted(formats))})", where=str(p),
+        raise RnbError(f"input directory {where} mixes formats ({', '.join(sorted(formats))})", where=where,
                        fix="keep one format per corpus (convert the others, or point --input at one kind)")
     if len(files) >= 1 << (63 - FILE_SHIFT):
-        raise RnbError(f"input has {len(files)} files, more than rnb-ray supports", where=str(p))
-    return formats.pop(), files
+        raise RnbError(f"input has {len(files)} files, more than rnb-ray supports", where=where)
+    return formats.pop()
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A corpus file in an object store: its URI (for messages), path inside ``fs``, size and mtime."""
+
+    uri: str
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def list_input_uri(uri: str) -> tuple[str, pafs.FileSystem, list[RemoteFile]]:
+    """Like :func:`list_input_files` for ``s3://``/``gs://`` URIs (a file or a prefix of files)."""
+    fs, root = storage.resolve(uri, "--input")
+    shown = storage.strip_query(uri).rstrip("/")
+    storage.require_bucket(fs, root, uri, "input")
+    fi = storage.info(fs, root, uri, "input")
+    if fi.type == pafs.FileType.NotFound:
+        raise RnbError(f"input {shown} does not exist (no object or prefix of that name)", where=shown,
+                       fix="check --input (an object, or a prefix holding parquet, jsonl or csv files)")
+    if fi.type == pafs.FileType.File:
+        infos = [fi]
+    else:
+        try:
+            infos = [i for i in storage.list_files(fs, root)
+                     if not any(part.startswith((".", "_")) for part in storage.relative_parts(root, i.path))]
+        except OSError as e:
+            raise RnbError(f"cannot list input {shown}: {e}", where=shown, fix=storage._CRED_FIX) from e
+        if not infos:
+            raise RnbError(f"input prefix {shown} holds no files", where=shown,
+                           fix="point --input at parquet, jsonl or csv files")
+    files = [RemoteFile(storage.display_path(fs, i.path), i.path, int(i.size or 0), int(i.mtime_ns or 0))
+             for i in infos]
+    unknown = [f for f in files if _suffix(Path(f.path)) not in FORMATS]
+    if unknown:
+        f = unknown[0]
+        raise RnbError(
+            f"unknown input format {_suffix(Path(f.path))!r} for file {f.uri}", where=f.uri,
+            fix=f"use parquet, jsonl or csv files (extensions: {', '.join(sorted(FORMATS))})"
+            + ("; move other files out of the input prefix" if fi.type == pafs.FileType.Directory else ""),
+        )
+    return _one_format([f.path for f in files], shown), fs, files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,11 +157,12 @@ class Fragment:
     """One read task: a file, and for parquet a range of its row groups."""
 
     file_index: int
-    path: str
+    path: str  # as shown to users: a local path, or the file's URI
     row_groups: tuple[int, ...] | None = None  # parquet only
     first_row: int = 0  # row within the file where this fragment starts
     num_rows: int | None = None  # known for parquet
     size_bytes: int = 0
+    fs_path: str | None = None  # path inside Corpus.filesystem (object stores); None: local ``path``
 
 
 @dataclass(frozen=True)
@@ -128,6 +178,8 @@ class Corpus:
     fragments: tuple[Fragment, ...]
     num_rows: int | None  # exact for parquet, None for text formats (known after reading)
     fingerprint: tuple[tuple[str, int, int], ...] = field(repr=False)  # (path, size, mtime_ns)
+    # None: local files (read with plain paths). Else the pyarrow filesystem of the URIs, pickled into read tasks.
+    filesystem: pafs.FileSystem | None = field(default=None, repr=False, compare=False)
 
     @property
     def columns(self) -> list[str]:
@@ -143,8 +195,21 @@ class Corpus:
         return ray.data.read_datasource(CorpusDatasource(self, columns), **read_args)
 
 
-def _head_bytes(path: Path, limit: int) -> bytes:
-    with pa.input_stream(str(path)) as f:  # decompresses .gz
+def _input_stream(path: str, fs: pafs.FileSystem | None, fs_path: str | None):
+    """A readable stream of a corpus file that decompresses ``.gz``: local path, or a path in ``fs``."""
+    if fs is None:
+        return pa.input_stream(str(path))
+    return fs.open_input_stream(fs_path or path, compression="detect")
+
+
+def _parquet_file(path: str, fs: pafs.FileSystem | None, fs_path: str | None) -> pq.ParquetFile:
+    if fs is None:
+        return pq.ParquetFile(str(path))
+    return pq.ParquetFile(fs.open_input_file(fs_path or path))
+
+
+def _head_bytes(path: Path | str, limit: int, fs: pafs.FileSystem | None = None, fs_path: str | None = None) -> bytes:
+    with _input_stream(str(path), fs, fs_path) as f:  # decompresses .gz
         data = f.read(limit)
     if len(data) == limit:
         cut = data.rfind(b"\n")
@@ -178,17 +243,20 @@ def _read_json_bytes(data: bytes, where: str, schema: pa.Schema | None = None, f
                        fix="one JSON object per line with consistent field types; fix or remove the bad line") from e
 
 
-def _jsonl_schema(path: Path, limit: int) -> tuple[pa.Schema, bool]:
+def _jsonl_schema(path: Path | str, limit: int, fs: pafs.FileSystem | None = None,
+                  fs_path: str | None = None) -> tuple[pa.Schema, bool]:
     """Schema of the head of a JSON Lines file and whether the file has at least one row."""
-    head = _head_bytes(path, limit)
+    head = _head_bytes(path, limit, fs, fs_path)
     table = _read_json_bytes(head, str(path))
     return table.schema, table.num_rows > 0
 
 
-def _csv_schema(path: Path) -> tuple[pa.Schema, bool]:
+def _csv_schema(path: Path | str, fs: pafs.FileSystem | None = None,
+                fs_path: str | None = None) -> tuple[pa.Schema, bool]:
     try:
         reader = pacsv.open_csv(
-            str(path), read_options=pacsv.ReadOptions(block_size=_HEAD_BYTES),
+            str(path) if fs is None else _input_stream(str(path), fs, fs_path),
+            read_options=pacsv.ReadOptions(block_size=_HEAD_BYTES),
             convert_options=pacsv.ConvertOptions(check_utf8=False),
         )
         schema = reader.schema
@@ -223,16 +291,30 @@ def _normalise_schema(schema: pa.Schema, text_column: str, fmt: str) -> pa.Schem
 
 def open_corpus(input_path: str | Path, text_column: str = "text", domain_column: str | None = None) -> Corpus:
     """Find, check and plan the reading of a corpus. Raises RnbError; starts no Ray work."""
-    fmt, files = list_input_files(input_path)
+    fs: pafs.FileSystem | None = None
+    if storage.is_uri(input_path):
+        fmt, fs, remote = list_input_uri(str(input_path))
+        files: list[Any] = [r.uri for r in remote]
+        fs_paths: list[str | None] = [r.path for r in remote]
+        sizes = [r.size for r in remote]
+    else:
+        fmt, files = list_input_files(input_path)
+        fs_paths = [None] * len(files)
+        sizes = [f.stat().st_size for f in files]
     schemas: list[pa.Schema] = []
     fragments: list[Fragment] = []
     any_rows = False
     total_rows: int | None = 0 if fmt == "parquet" else None
     for i, f in enumerate(files):
+        fsp = fs_paths[i]
         if fmt == "parquet":
             try:
-                meta = pq.ParquetFile(str(f)).metadata
-                schema = pq.read_schema(str(f))
+                if fs is None:
+                    meta = pq.ParquetFile(str(f)).metadata
+                    schema = pq.read_schema(str(f))
+                else:
+                    pf = _parquet_file(f, fs, fsp)
+                    meta, schema = pf.metadata, pf.schema_arrow
             except (pa.ArrowInvalid, OSError) as e:
                 raise RnbError(f"file {f} is not a readable parquet file: {e}", where=str(f)) from e
             row = 0
@@ -243,21 +325,24 @@ def open_corpus(input_path: str | Path, text_column: str = "text", domain_column
                 group.append(rg)
                 group_rows += n
                 if group_rows >= _FRAGMENT_ROWS or rg == meta.num_row_groups - 1:
-                    fragments.append(Fragment(i, str(f), tuple(group), row, group_rows, f.stat().st_size))
+                    fragments.append(Fragment(i, str(f), tuple(group), row, group_rows, sizes[i], fsp))
                     row += group_rows
                     group, group_rows = [], 0
             any_rows = any_rows or meta.num_rows > 0
             assert total_rows is not None
             total_rows += meta.num_rows
         else:
-            if fmt == "jsonl":
-                schema, has_rows = _jsonl_schema(f, _HEAD_BYTES if i == 0 else _HEAD_BYTES // 16)
-            else:
-                schema, has_rows = _csv_schema(f)
+            try:
+                if fmt == "jsonl":
+                    schema, has_rows = _jsonl_schema(f, _HEAD_BYTES if i == 0 else _HEAD_BYTES // 16, fs, fsp)
+                else:
+                    schema, has_rows = _csv_schema(f, fs, fsp)
+            except OSError as e:
+                raise RnbError(f"cannot read file {f}: {e}", where=str(f)) from e
             any_rows = any_rows or has_rows
             if not has_rows:
                 continue  # an empty text file contributes nothing (and has no columns to check)
-            fragments.append(Fragment(i, str(f), size_bytes=f.stat().st_size))
+            fragments.append(Fragment(i, str(f), size_bytes=sizes[i], fs_path=fsp))
         for col, what in ((text_column, "text"), (domain_column, "domain")):
             if col is not None and col not in schema.names:
                 raise RnbError(
@@ -283,9 +368,12 @@ def open_corpus(input_path: str | Path, text_column: str = "text", domain_column
         if reserved in schema.names:
             raise RnbError(f"column {reserved!r} is reserved by rnb-ray", where=str(input_path),
                            fix="rename that column")
-    fingerprint = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if fs is None:
+        fingerprint = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    else:
+        fingerprint = tuple((r.uri, r.size, r.mtime_ns) for r in remote)
     return Corpus(str(input_path), fmt, tuple(map(str, files)), schema, text_column, domain_column,
-                  tuple(fragments), total_rows, fingerprint)
+                  tuple(fragments), total_rows, fingerprint, fs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,8 +437,9 @@ def _finish(table: pa.Table, schema: pa.Schema, columns: list[str] | None, fragm
     return table.append_column(REPLACED, pa.array(replaced, pa.bool_()))
 
 
-def _iter_parquet(fragment: Fragment, schema: pa.Schema, columns: list[str] | None) -> Iterator[pa.Table]:
-    pf = pq.ParquetFile(fragment.path)
+def _iter_parquet(fragment: Fragment, schema: pa.Schema, columns: list[str] | None,
+                  fs: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
+    pf = _parquet_file(fragment.path, fs, fragment.fs_path)
     file_cols = pf.schema_arrow.names
     read_cols = [c for c in (columns or schema.names) if c in file_cols]
     start = fragment.first_row
@@ -360,11 +449,12 @@ def _iter_parquet(fragment: Fragment, schema: pa.Schema, columns: list[str] | No
         start += table.num_rows
 
 
-def _iter_jsonl(fragment: Fragment, schema: pa.Schema, columns: list[str] | None) -> Iterator[pa.Table]:
+def _iter_jsonl(fragment: Fragment, schema: pa.Schema, columns: list[str] | None,
+                fs: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
     start = 0
     line_no = 1  # file line number of the first line of the current chunk
     tail = b""
-    with pa.input_stream(fragment.path) as f:
+    with _input_stream(fragment.path, fs, fragment.fs_path) as f:
         while True:
             data = f.read(_CHUNK_BYTES)
             eof = not data
@@ -399,10 +489,11 @@ def _iter_jsonl(fragment: Fragment, schema: pa.Schema, columns: list[str] | None
                 return
 
 
-def _iter_csv(fragment: Fragment, schema: pa.Schema, columns: list[str] | None) -> Iterator[pa.Table]:
+def _iter_csv(fragment: Fragment, schema: pa.Schema, columns: list[str] | None,
+              fs: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
     try:
         reader = pacsv.open_csv(
-            fragment.path,
+            fragment.path if fs is None else _input_stream(fragment.path, fs, fragment.fs_path),
             read_options=pacsv.ReadOptions(block_size=_CHUNK_BYTES),
             convert_options=pacsv.ConvertOptions(
                 column_types={f.name: f.type for f in schema}, check_utf8=False,
@@ -424,7 +515,7 @@ _READERS = {"parquet": _iter_parquet, "jsonl": _iter_jsonl, "csv": _iter_csv}
 
 def read_fragment(corpus: Corpus, fragment: Fragment, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Blocks of one fragment, with the internal row-id and UTF-8 columns (also usable without Ray)."""
-    yield from _READERS[corpus.format](fragment, corpus.schema, columns)
+    yield from _READERS[corpus.format](fragment, corpus.schema, columns, corpus.filesystem)
 
 
 try:
@@ -500,7 +591,14 @@ def rnb_errors_from_ray() -> Iterator[None]:
 
 
 def check_output_dir(output: str | Path, overwrite: bool) -> Path:
-    """An output path we may write: absent, an empty directory, or anything with ``overwrite``."""
+    """An output path we may write: absent, an empty directory, or anything with ``overwrite``.
+
+    For an object-store URI: its bucket exists, and nothing is under the prefix (or ``overwrite``); the
+    URI is returned unchanged (as a str).
+    """
+    if storage.is_uri(output):
+        storage.check_output_prefix(str(output), overwrite)
+        return output  # type: ignore[return-value]
     out = Path(output).expanduser()
     if out.exists():
         if not out.is_dir():
@@ -535,3 +633,19 @@ def atomic_output_dir(output: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(output: str | Path, overwrite: bool, marker: str) -> Iterator[storage.OutputDir]:
+    """:func:`atomic_output_dir` for a local path or an object-store URI.
+
+    Local: a temporary directory beside ``output``, renamed into place (``OutputDir.fs`` is None). URI: a
+    temporary prefix ``.<name>.tmp-*`` beside it, copied into place with ``marker`` last, then deleted
+    (see :func:`rnb_ray.storage.atomic_output_prefix`). Either way a failure leaves nothing at ``output``.
+    """
+    if storage.is_uri(output):
+        with storage.atomic_output_prefix(str(output), overwrite, marker) as (fs, tmp):
+            yield storage.OutputDir(fs, tmp)
+    else:
+        with atomic_output_dir(output, overwrite) as tmp:
+            yield storage.OutputDir(None, str(tmp))

@@ -95,10 +95,16 @@ class TrainConfig:
 
         if not self.data:
             raise bad("data", "is empty", "pass the corpus: --data OUT_OF_REGROUP or a parquet/jsonl file")
-        if not Path(self.data).exists():
+        from rnb_ray.storage import is_uri  # URIs (s3://, gs://) are checked when prepare_plan lists them
+
+        if not is_uri(self.data) and not Path(self.data).exists():
             raise bad("data", f"points to {self.data}, which does not exist", "check the path")
-        if self.eval_data is not None and not Path(self.eval_data).exists():
+        if self.eval_data is not None and not is_uri(self.eval_data) and not Path(self.eval_data).exists():
             raise bad("eval_data", f"points to {self.eval_data}, which does not exist", "check the path")
+        for name in ("output", "resume"):
+            if is_uri(getattr(self, name)):
+                raise bad(name, "is a URI; a training run directory must be a local or shared path",
+                          "use a local or shared path for --output; data paths (--data, --eval-data) may be URIs")
         if not self.output and not self.resume:
             raise bad("output", "is empty", "pass --output RUN_DIR (or --resume RUN_DIR)")
         names = known_strategies()

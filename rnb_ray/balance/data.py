@@ -1,6 +1,7 @@
 """The training corpus of a Balance run: find the files, read the domain column, split, plan the streams.
 
-Accepted ``--data``: an ``rnb regroup`` output directory (``domains.json`` + ``data/domain=<id>/*.parquet``,
+Accepted ``--data`` (a local path, or an ``s3://``/``gs://`` URI read through pyarrow's filesystems): an
+``rnb regroup`` output directory (``domains.json`` + ``data/domain=<id>/*.parquet``,
 the domain taken from the column or from the hive path), or any parquet/jsonl file or directory of them
 with a domain column (``domain_column``). Domain names are the string form of the values, ordered
 numerically when all are integers, else lexicographically.
@@ -18,12 +19,15 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from rnb_ray import storage
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.mixing import check_weights
 from rnb_ray.balance.sampler import Chunk, DomainStream
@@ -39,9 +43,14 @@ _HIVE = re.compile(r"^(?P<key>[^=/]+)=(?P<value>[^/]*)$")
 class Source:
     """One readable unit: a parquet row group or a whole jsonl file."""
 
-    path: str
+    path: str  # local path, or the path inside ``fs``
     row_group: int | None  # None: jsonl
     hive_domain: str | None = None  # value from a `<domain_column>=<v>` directory when the file lacks the column
+    fs: Any = field(default=None, compare=False, repr=False)  # pyarrow filesystem of a URI; None: local
+
+    @property
+    def display(self) -> str:
+        return storage.display_path(self.fs, self.path)
 
 
 @dataclass
@@ -82,8 +91,36 @@ def list_files(path: str | Path, what: str = "--data") -> list[Path]:
     return files
 
 
-def _hive_value(path: Path, root: Path, column: str) -> str | None:
-    for part in path.relative_to(root).parts[:-1]:
+def _list_uri(uri: str, what: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, files inside it) of an object-store ``--data``/``--eval-data``."""
+    fs, p = storage.resolve(uri, what)
+    shown = storage.strip_query(uri)
+    storage.require_bucket(fs, p, uri, what)
+    fi = storage.info(fs, p, uri, what)
+    if fi.type == pafs.FileType.File:
+        if Path(p).suffix not in _SUFFIXES:
+            raise RnbError(f"{shown} is not a parquet or jsonl file", where=what, fix="give .parquet or .jsonl data")
+        return fs, p.rpartition("/")[0], [p]
+    if fi.type != pafs.FileType.Directory:
+        raise RnbError(f"{shown} does not exist", where=what, fix="check the URI")
+    regrouped = (storage.info(fs, f"{p}/domains.json", uri, what).type == pafs.FileType.File
+                 and storage.info(fs, f"{p}/data", uri, what).type == pafs.FileType.Directory)
+    root = f"{p}/data" if regrouped else p
+    try:
+        infos = storage.list_files(fs, root)
+    except OSError as e:
+        raise RnbError(f"cannot list {shown}: {e}", where=what, fix=storage._CRED_FIX) from e
+    files = [i.path for i in infos if Path(i.path).suffix in _SUFFIXES
+             and not any(part.startswith((".", "_")) for part in storage.relative_parts(root, i.path))]
+    if not files:
+        raise RnbError(f"no parquet or jsonl files under {storage.display_path(fs, root)}", where=what,
+                       fix="point --data at an `rnb regroup` output or at parquet/jsonl files")
+    return fs, root, files
+
+
+def _hive_value(path: Path | str, root: Path | str, column: str, fs: Any = None) -> str | None:
+    parts = Path(path).relative_to(root).parts if fs is None else storage.relative_parts(str(root), str(path))
+    for part in parts[:-1]:
         m = _HIVE.match(part)
         if m and m.group("key") == column:
             return m.group("value")
@@ -111,15 +148,22 @@ def _order(names: set[str]) -> list[str]:
 def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
           ) -> tuple[list[Source], list[list[str | None]], list[list[str | None]]]:
     """Sources and, per source, each row's domain name (and category)."""
-    files = list_files(path, what)
-    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    fs: Any = None
+    if storage.is_uri(path):
+        fs, root_uri, names_in_fs = _list_uri(path, what)
+        files: list[Any] = names_in_fs
+        root: Path | str = root_uri
+    else:
+        files = list_files(path, what)
+        root = Path(path) if Path(path).is_dir() else Path(path).parent
     sources: list[Source] = []
     doms: list[list[str | None]] = []
     cats: list[list[str | None]] = []
-    for f in files:
-        if f.suffix == ".parquet":
+    for f_path in files:
+        f = f_path if fs is None else storage.display_path(fs, f_path)  # as shown in messages
+        if Path(f_path).suffix == ".parquet":
             try:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f_path if fs is None else fs.open_input_file(f_path))
             except (pa.ArrowInvalid, OSError) as e:
                 raise RnbError(f"cannot read parquet file {f}: {e}", where=what) from e
             names = pf.schema_arrow.names
@@ -127,7 +171,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
             read = lambda cols, rg, pf=pf: pf.read_row_group(rg, columns=cols)  # noqa: E731
         else:
             try:
-                table = pajson.read_json(f)
+                table = pajson.read_json(f_path if fs is None else fs.open_input_stream(f_path))
             except (pa.ArrowInvalid, OSError) as e:
                 raise RnbError(f"cannot read {f} as JSON lines: {e}", where=what,
                                fix="one JSON object per line") from e
@@ -137,7 +181,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
         if cfg.text_column not in names:
             raise RnbError(f"{f} has no text column {cfg.text_column!r} (columns: {', '.join(names)})",
                            where=what, fix="pass --text-column with the right name")
-        hive = None if cfg.domain_column in names else _hive_value(f, root, cfg.domain_column)
+        hive = None if cfg.domain_column in names else _hive_value(f_path, root, cfg.domain_column, fs)
         if cfg.domain_column not in names and hive is None:
             raise RnbError(f"{f} has no domain column {cfg.domain_column!r} (columns: {', '.join(names)})",
                            where=what, fix="regroup the corpus first (`rnb regroup`), assign domains with "
@@ -149,7 +193,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
             cols = [c for c in (cfg.domain_column if hive is None else None,
                                 cfg.category_column if need_category else None) if c]
             t = read(cols, rg) if cols else None
-            sources.append(Source(str(f), rg, hive))
+            sources.append(Source(str(f_path), rg, hive, fs))
             if hive is None:
                 doms.append([_name(v) for v in t.column(cfg.domain_column).to_pylist()])
             else:
@@ -204,12 +248,8 @@ def prepare_plan(cfg: TrainConfig) -> Plan:
     all_sources = sources + eval_sources
 
     # Domains listed by a regroup output with no rows are dropped (they cannot be sampled).
-    meta = Path(cfg.data) / "domains.json"
-    if meta.is_file():
-        try:
-            listed = json.loads(meta.read_text(encoding="utf-8")).get("sizes", {})
-        except (json.JSONDecodeError, AttributeError):
-            listed = {}
+    listed = _listed_domains(cfg.data)
+    if listed is not None:
         empty = sorted(str(k) for k in listed if str(k) not in train_addr)
         if empty:
             warnings.append(f"domain(s) {', '.join(empty)} have no training examples and are dropped")
@@ -256,6 +296,28 @@ def prepare_plan(cfg: TrainConfig) -> Plan:
     if cfg.strategy == "static":
         plan.static_weights = load_static_weights(cfg.static_weights or "", names)
     return plan
+
+
+def _listed_domains(data: str) -> dict | None:
+    """``sizes`` of the domains.json of a regroup output at ``data`` ({} when unreadable), else None."""
+    if storage.is_uri(data):
+        fs, p = storage.resolve(data, "--data")
+        try:
+            if fs.get_file_info(f"{p}/domains.json").type != pafs.FileType.File:
+                return None
+            raw = storage.read_bytes(fs, f"{p}/domains.json").decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return {}
+    else:
+        meta = Path(data) / "domains.json"
+        if not meta.is_file():
+            return None
+        raw = meta.read_text(encoding="utf-8")
+    try:
+        listed = json.loads(raw).get("sizes", {})
+    except (json.JSONDecodeError, AttributeError):
+        listed = {}
+    return listed if isinstance(listed, dict) else {}
 
 
 def load_static_weights(path: str, domains: list[str]) -> np.ndarray:
@@ -330,11 +392,13 @@ class ChunkReader:
         if src.row_group is not None:
             pf = self._files.get(src.path)
             if pf is None:
-                pf = self._files[src.path] = pq.ParquetFile(src.path)
+                pf = self._files[src.path] = pq.ParquetFile(
+                    src.path if src.fs is None else src.fs.open_input_file(src.path))
             col = pf.read_row_group(src.row_group, columns=[self.text_column]).column(0)
         else:
             if self._jsonl is None or self._jsonl[0] != src.path:
-                self._jsonl = (src.path, pajson.read_json(src.path).select([self.text_column]))
+                raw = pajson.read_json(src.path if src.fs is None else src.fs.open_input_stream(src.path))
+                self._jsonl = (src.path, raw.select([self.text_column]))
             col = self._jsonl[1].column(0)
         values = col.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
         return ["" if v is None else str(v) for v in values]

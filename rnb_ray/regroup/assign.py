@@ -13,6 +13,7 @@ Empty texts are dropped and counted, as in regroup.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -20,13 +21,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from rnb_ray import storage
 from rnb_ray.corpus import (
     INTERNAL_COLUMNS,
     REPLACED,
     ROW_ID,
-    atomic_output_dir,
+    atomic_output,
     check_output_dir,
     open_corpus,
     rnb_errors_from_ray,
@@ -35,28 +36,55 @@ from rnb_ray.errors import RnbError
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.distributed import ordered_execution
 from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
-from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS
+from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS, write_domain_parts
 
 _REQUIRED = ("k", "model", "metric", "centroids", "text_column")
 
 
-def load_domains(domains_json: str | Path) -> tuple[dict, np.ndarray]:
-    """domains.json and its centroids, checked."""
-    p = Path(domains_json).expanduser()
-    if not p.is_file():
-        raise RnbError(f"domains file {p} does not exist", where=str(p), fix="pass OUT/domains.json of an rnb regroup run")
+def _load_domains_uri(uri: str) -> tuple[dict, np.ndarray]:
+    """domains.json and centroids.npy from an object store (``rnb regroup --output s3://...``)."""
+    fs, path = storage.resolve(uri, "--domains")
+    shown = storage.strip_query(uri)
+    storage.require_bucket(fs, path, uri, "domains file")
+    if storage.info(fs, path, uri, "domains file").type != storage.pafs.FileType.File:
+        raise RnbError(f"domains file {shown} does not exist", where=shown,
+                       fix="pass OUT/domains.json of an rnb regroup run")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RnbError(f"domains file {p} is not valid JSON: {e}", where=str(p)) from e
+        doc = json.loads(storage.read_bytes(fs, path).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RnbError(f"domains file {shown} is not valid JSON: {e}", where=shown) from e
     missing = [f for f in _REQUIRED if f not in doc]
     if missing:
-        raise RnbError(f"domains file {p} lacks {', '.join(missing)}", where=str(p),
+        raise RnbError(f"domains file {shown} lacks {', '.join(missing)}", where=shown,
                        fix="pass the domains.json written by rnb regroup")
-    cpath = p.parent / doc["centroids"]
-    if not cpath.is_file():
-        raise RnbError(f"centroids file {cpath} named by {p} does not exist", where=str(cpath))
-    C = np.load(cpath)
+    cpath = f"{path.rpartition('/')[0]}/{doc['centroids']}"
+    if storage.info(fs, cpath, uri, "centroids file").type != storage.pafs.FileType.File:
+        raise RnbError(f"centroids file {storage.display_path(fs, cpath)} named by {shown} does not exist",
+                       where=storage.display_path(fs, cpath))
+    return doc, np.load(io.BytesIO(storage.read_bytes(fs, cpath)))
+
+
+def load_domains(domains_json: str | Path) -> tuple[dict, np.ndarray]:
+    """domains.json and its centroids, checked (a local path, or an object-store URI)."""
+    if storage.is_uri(domains_json):
+        doc, C = _load_domains_uri(str(domains_json))
+        cpath: Path | str = storage.strip_query(str(domains_json)).rpartition("/")[0] + "/" + doc["centroids"]
+    else:
+        p = Path(domains_json).expanduser()
+        if not p.is_file():
+            raise RnbError(f"domains file {p} does not exist", where=str(p), fix="pass OUT/domains.json of an rnb regroup run")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RnbError(f"domains file {p} is not valid JSON: {e}", where=str(p)) from e
+        missing = [f for f in _REQUIRED if f not in doc]
+        if missing:
+            raise RnbError(f"domains file {p} lacks {', '.join(missing)}", where=str(p),
+                           fix="pass the domains.json written by rnb regroup")
+        cpath = p.parent / doc["centroids"]
+        if not cpath.is_file():
+            raise RnbError(f"centroids file {cpath} named by {p} does not exist", where=str(cpath))
+        C = np.load(cpath)
     if C.ndim != 2 or C.shape[0] != doc["k"]:
         raise RnbError(f"centroids {cpath} have shape {C.shape}, expected ({doc['k']}, d)", where=str(cpath))
     return doc, C
@@ -82,7 +110,8 @@ def validate_assign(domains_json: str | Path, input: str | Path, output: str | P
     return doc, C, corpus, model
 
 
-def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metric: str) -> pa.Table:
+def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metric: str,
+                  filesystem: Any = None) -> pa.Table:
     empty = batch.column(EMPTY).to_numpy(zero_copy_only=False)
     replaced = int(np.count_nonzero(batch.column(REPLACED).to_numpy(zero_copy_only=False)))
     kept = batch.filter(pa.array(~empty))
@@ -97,11 +126,7 @@ def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metr
         if DOMAIN in out.column_names:
             out = out.rename_columns([RENAMED_DOMAIN if c == DOMAIN else c for c in out.column_names])
         out = out.append_column(DOMAIN, pa.array(labels, pa.int64()))
-        name = f"part-{int(ids.min()):020d}.parquet"
-        for d in np.unique(labels):
-            target = Path(data_dir) / f"{DOMAIN}={int(d)}"
-            target.mkdir(parents=True, exist_ok=True)
-            pq.write_table(out.filter(pa.array(labels == d)), target / name)
+        write_domain_parts(out, labels, data_dir, f"part-{int(ids.min()):020d}.parquet", filesystem)
     return pa.table({"stats": pa.array([pickle.dumps(stats)], pa.large_binary())})
 
 
@@ -134,7 +159,7 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
     require_resources(cpus=actors * embed_threads, what=f"embedding ({actors} actor(s) × {embed_threads} CPU)")
     totals = {"rows": 0, "dropped": 0, "replaced": 0}
     sizes = np.zeros(len(C), dtype=np.int64)
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output(output, overwrite, marker="assignment.json") as tmp:
         with rnb_errors_from_ray(), ordered_execution():
             ds = corpus.dataset().map_batches(
                 Embedder,
@@ -142,8 +167,8 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
                                        "threads": embed_threads, "batch_size": embed_batch_size},
                 compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1), num_cpus=embed_threads, batch_size=embed_batch_size,
                 batch_format="pyarrow",
-            ).map_batches(_assign_write, fn_kwargs={"data_dir": str(tmp / "data"), "centroids": C.astype(np.float64),
-                                                    "metric": doc["metric"]},
+            ).map_batches(_assign_write, fn_kwargs={"data_dir": tmp.child("data"), "centroids": C.astype(np.float64),
+                                                    "metric": doc["metric"], "filesystem": tmp.fs},
                           batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=0)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for blob in batch.column("stats").to_pylist():
@@ -154,9 +179,10 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
         if totals["rows"] == 0:
             raise RnbError(f"every text in column {corpus.text_column!r} of {input} is empty or whitespace",
                            where=f"{input}:{corpus.text_column}", fix="check --text-column, or the input content")
-        result = {"domains": str(Path(domains_json).expanduser().absolute()), "input": str(input), "k": int(doc["k"]),
+        domains_ref = domains_json if storage.is_uri(domains_json) else Path(domains_json).expanduser().absolute()
+        result = {"domains": str(domains_ref), "input": str(input), "k": int(doc["k"]),
                   "model": doc["model"], "metric": doc["metric"], "text_column": corpus.text_column,
                   "n_documents": totals["rows"], "n_dropped_empty": totals["dropped"],
                   "n_replaced_utf8": totals["replaced"], "sizes": {str(d): int(sizes[d]) for d in range(len(C))}}
-        (tmp / "assignment.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text("assignment.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -86,6 +86,15 @@ class RegroupConfig:
                            fix="raise --seed-sample")
         if self.representatives < 0:
             raise RnbError(f"representatives must be >= 0, got {self.representatives}")
+        from rnb_ray.storage import is_uri
+
+        if is_uri(self.cache_dir):
+            raise RnbError(f"cache_dir {self.cache_dir} is a URI; the embedding cache is plain files", where="--cache-dir",
+                           fix="pass a local path (one machine) or a shared-filesystem path (a cluster)")
+        if is_uri(self.output) and not self.cache_dir:
+            raise RnbError(f"--output {self.output} is an object-store URI, so the embedding cache cannot go beside it",
+                           where="--cache-dir", fix="pass --cache-dir: a local path (one machine) or a "
+                           "shared-filesystem path every node sees (a cluster)")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

@@ -30,14 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rnb_ray.config import save_config
+from rnb_ray import storage
+from rnb_ray.config import to_dict
 from rnb_ray.corpus import (
     FILE_SHIFT,
     INTERNAL_COLUMNS,
     REPLACED,
     ROW_ID,
     Corpus,
-    atomic_output_dir,
+    atomic_output,
     check_output_dir,
     open_corpus,
     rnb_errors_from_ray,
@@ -295,9 +296,21 @@ class _CacheLookup:
         return found, E[pos[found]]
 
 
+def write_domain_parts(out: pa.Table, labels: np.ndarray, data_dir: str, name: str, filesystem: Any = None) -> None:
+    """``data_dir/domain=<d>/<name>`` for every domain in ``labels``: locally, or in ``filesystem``."""
+    for d in np.unique(labels):
+        sub = out.filter(pa.array(labels == d))
+        if filesystem is None:
+            target = os.path.join(data_dir, f"{DOMAIN}={int(d)}")
+            os.makedirs(target, exist_ok=True)
+            pq.write_table(sub, os.path.join(target, name))
+        else:  # object store: no directories to make
+            pq.write_table(sub, f"{data_dir}/{DOMAIN}={int(d)}/{name}", filesystem=filesystem)
+
+
 def _label_and_write(batch: pa.Table, *, data_dir: str, cache_dir: str, parts: list[tuple[str, int, int]],
                      centroids: np.ndarray, metric: str, text_column: str, domain_column: str | None,
-                     representatives: int) -> pa.Table:
+                     representatives: int, filesystem: Any = None) -> pa.Table:
     """Label one batch of corpus rows with their nearest centroid and write it, one file per domain."""
     ids = batch.column(ROW_ID).to_numpy()
     found, E = _CacheLookup(cache_dir, parts).get(ids)
@@ -325,12 +338,7 @@ def _label_and_write(batch: pa.Table, *, data_dir: str, cache_dir: str, parts: l
     if DOMAIN in out.column_names:
         out = out.rename_columns([RENAMED_DOMAIN if c == DOMAIN else c for c in out.column_names])
     out = out.append_column(DOMAIN, pa.array(labels, pa.int64()))
-    name = f"part-{int(ids.min()):020d}.parquet"
-    for d in np.unique(labels):
-        sub = out.filter(pa.array(labels == d))
-        target = os.path.join(data_dir, f"{DOMAIN}={int(d)}")
-        os.makedirs(target, exist_ok=True)
-        pq.write_table(sub, os.path.join(target, name))
+    write_domain_parts(out, labels, data_dir, f"part-{int(ids.min()):020d}.parquet", filesystem)
     return pa.table({"stats": pa.array([pickle.dumps(stats)], pa.large_binary())})
 
 
@@ -355,10 +363,13 @@ class WriteStats:
             self.reps[d] = sorted(self.reps.get(d, []) + [tuple(c) for c in cands])[:r]
 
 
-def label_and_write(corpus: Corpus, emb: EmbeddingSet, centroids: np.ndarray, metric: str, data_dir: Path,
-                    representatives: int) -> WriteStats:
-    """Stream the corpus through nearest-centroid labelling into ``data_dir/domain=<id>/``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+def label_and_write(corpus: Corpus, emb: EmbeddingSet, centroids: np.ndarray, metric: str, data_dir: Path | str,
+                    representatives: int, filesystem: Any = None) -> WriteStats:
+    """Stream the corpus through nearest-centroid labelling into ``data_dir/domain=<id>/``.
+
+    ``filesystem``: None for a local ``data_dir``, else the pyarrow filesystem it is in (pickled into the tasks).
+    """
+    storage.ensure_dir(filesystem, str(data_dir))
     parts = [(p.file, p.min_row_id, p.max_row_id) for p in emb.parts]
     stats = WriteStats()
     with rnb_errors_from_ray(), ordered_execution():
@@ -367,7 +378,7 @@ def label_and_write(corpus: Corpus, emb: EmbeddingSet, centroids: np.ndarray, me
             fn_kwargs={"data_dir": str(data_dir), "cache_dir": str(emb.path), "parts": parts,
                        "centroids": np.asarray(centroids, dtype=np.float64), "metric": metric,
                        "text_column": corpus.text_column, "domain_column": corpus.domain_column,
-                       "representatives": representatives},
+                       "representatives": representatives, "filesystem": filesystem},
             batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=1,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -421,26 +432,28 @@ def domains_document(cfg: RegroupConfig, emb: EmbeddingSet, kmr: KMeansResult, s
     })
 
 
-def write_regrouped(cfg: RegroupConfig, emb: EmbeddingSet, km_result: KMeansResult) -> Path:
-    """Write the output directory of ``cfg.output`` atomically; returns its path.
+def write_regrouped(cfg: RegroupConfig, emb: EmbeddingSet, km_result: KMeansResult) -> Path | str:
+    """Write the output directory of ``cfg.output`` atomically; returns its path (the URI for object stores).
 
     Layout (ARCHITECTURE.md): ``data/domain=<id>/part-*.parquet`` (every input column plus ``domain``
     int64; an input column already named ``domain`` is kept as ``domain_original``), ``domains.json``,
-    ``centroids.npy`` (float32 (k, d)), ``config.json``.
+    ``centroids.npy`` (float32 (k, d)), ``config.json``. ``domains.json`` is written last.
     """
-    with atomic_output_dir(cfg.output, cfg.overwrite) as tmp:
-        stats = label_and_write(emb.corpus, emb, km_result.centroids, km_result.metric, tmp / "data",
-                                cfg.representatives)
+    with atomic_output(cfg.output, cfg.overwrite, marker="domains.json") as tmp:
+        stats = label_and_write(emb.corpus, emb, km_result.centroids, km_result.metric, tmp.child("data"),
+                                cfg.representatives, tmp.fs)
         if stats.rows != emb.n or stats.dropped != emb.n_dropped_empty:
             raise RnbError(
                 f"the embedding cache {emb.path} does not match the corpus ({stats.rows} rows with embeddings "
                 f"and {stats.dropped} without, expected {emb.n} and {emb.n_dropped_empty})",
                 where=str(emb.path), fix="delete that cache directory and run again",
             )
-        np.save(tmp / "centroids.npy", km_result.centroids.astype(np.float32))
+        tmp.save_npy("centroids.npy", km_result.centroids.astype(np.float32))
+        tmp.write_text("config.json", json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
         doc = domains_document(cfg, emb, km_result, stats)
-        (tmp / "domains.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        save_config(cfg, tmp / "config.json")
+        tmp.write_text("domains.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    if storage.is_uri(cfg.output):
+        return cfg.output
     return Path(cfg.output).expanduser().absolute()
 
 
@@ -450,7 +463,7 @@ def write_regrouped(cfg: RegroupConfig, emb: EmbeddingSet, km_result: KMeansResu
 
 @dataclass
 class RegroupResult:
-    output: Path
+    output: Path | str  # the URI (str) for an object-store output
     k: int
     n_documents: int
     sizes: list[int]
@@ -488,7 +501,8 @@ def regroup(cfg: RegroupConfig) -> RegroupResult:
     t2 = time.perf_counter()
     out = write_regrouped(cfg, emb, kmr)
     t3 = time.perf_counter()
-    sizes = json.loads((out / "domains.json").read_text(encoding="utf-8"))["sizes"]
+    fs, out_path = storage.resolve(out, "--output")
+    sizes = json.loads(storage.read_bytes(fs, out_path + "/domains.json").decode("utf-8"))["sizes"]
     result = RegroupResult(out, cfg.k, sum(sizes.values()), [sizes[str(d)] for d in range(cfg.k)], kmr.inertia,
                            kmr.iterations, kmr.converged, emb.path, emb.cache_hit,
                            {"embed": t1 - t0, "kmeans": t2 - t1, "write": t3 - t2})
