@@ -118,7 +118,7 @@ def test_assign_from_s3_domains_to_s3(ray_session, s3, regrouped_s3):
     """Documents of the corpus get the same domain from assign as from regroup (same model, same centroids)."""
     out = f"s3://{BUCKET}/out/assigned"
     result = assign(f"{regrouped_s3}/domains.json", f"s3://{BUCKET}/corpus/part-1.parquet", out,
-                    embed_batch_size=64)
+                    embed_batch_size=64, embed_actors=1)
     got = pads.dataset(f"{BUCKET}/out/assigned/data", filesystem=s3, format="parquet").to_table()
     want = pads.dataset(f"{BUCKET}/out/regrouped/data", filesystem=s3, format="parquet").to_table()
     want_by_id = dict(zip(want.column("id").to_pylist(), want.column("domain").to_pylist(), strict=True))
