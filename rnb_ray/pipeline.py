@@ -65,6 +65,13 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.output:
             raise RnbError("no run directory given", where="--output", fix="pass --output runs/NAME")
+        from rnb_ray.storage import is_uri
+
+        for flag, value in (("--input", self.input), ("--output", self.output)):
+            if is_uri(value):
+                raise RnbError(f"{value} is an object-store URI; rnb run reads and writes local or shared paths "
+                               "only", where=flag, fix="copy the corpus to a filesystem every node sees (rnb "
+                               "regroup, assign and train take s3:// / gs:// URIs)")
         if self.input is not None and not Path(self.input).exists():
             raise RnbError(f"input corpus {self.input} does not exist", where="--input",
                            fix="pass a parquet file or directory, or omit --input for the embedded corpus")
