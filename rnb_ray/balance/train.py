@@ -372,6 +372,13 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None, mixer: Any 
             raise RnbError(f"bad --capture {cfg.capture!r}: {e}", where="--capture",
                            fix="use head, last_block, head+last_block or linear module names") from e
         capture = DomainGradCapture(modules, m, sketch_dim=cfg.sketch_dim, seed=cfg.seed, device=device)
+        mb = 4 * m * capture.dim / 2**20
+        if rank == 0 and flags["needs_train_grads"] and mb > 64:
+            # Measured on fortunes (40 domains, 4096x128 head): exact sums cost 28% of train time in the
+            # round trip, a 4096-d sketch 4.6% with the same held-out loss (benchmarks/fidelity_investigate.py).
+            log.warning("each worker sends %.0f MB of per-domain gradient sums per round (%d domains x %d "
+                        "numbers); --sketch-dim 4096 cuts that to %.1f MB", mb, m, capture.dim,
+                        4 * m * 4096 * len(modules) / 2**20)
     model = ctx.prepare_model(model)
     raw_model = getattr(model, "module", model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
