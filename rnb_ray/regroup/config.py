@@ -52,7 +52,7 @@ class RegroupConfig:
         "k-means distance: cosine (spherical k-means) or euclidean"))
     max_seq_length: int | None = field(default=None, metadata=_help(
         "truncate documents to this many tokens (default: the model's own limit)"))
-    embed_batch_size: int = field(default=128, metadata=_help("documents per model forward pass"))
+    embed_batch_size: int = field(default=128, metadata=_help("documents per Ray Data batch; each is embedded in length-sorted passes of at most this many documents and 1024 padded tokens"))
     embed_actors: int | None = field(default=None, metadata=_help(
         "embedding actors in the Ray Data pool (default: cluster CPUs // embed_threads)"))
     embed_threads: int = field(default=1, metadata=_help("CPUs (torch threads) per embedding actor"))
@@ -111,7 +111,7 @@ class AssignConfig:
     output: str = field(metadata=_help("output directory (data/domain=<id>/, assignment.json)"))
     text_column: str | None = field(default=None, metadata=_help(
         "column holding the text (default: the one used by the regroup)"))
-    embed_batch_size: int = field(default=128, metadata=_help("documents per model forward pass"))
+    embed_batch_size: int = field(default=128, metadata=_help("documents per Ray Data batch; each is embedded in length-sorted passes of at most this many documents and 1024 padded tokens"))
     embed_actors: int | None = field(default=None, metadata=_help(
         "embedding actors (default: cluster CPUs // embed_threads)"))
     embed_threads: int = field(default=1, metadata=_help("CPUs (torch threads) per embedding actor"))
