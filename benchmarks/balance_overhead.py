@@ -113,6 +113,8 @@ def overhead(data: Path, root: Path, args) -> dict:
            "runs": runs}
     for name, _ in variants[1:]:
         rr = runs[name]
+        if not rr:  # e.g. --sketch-runs 0
+            continue
         base = [runs["static"][r["rep"]] for r in rr]  # the static run of the same pair
         out[name] = {
             # one ratio per pair of neighbouring runs (same rep), then median and spread
