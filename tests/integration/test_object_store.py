@@ -9,9 +9,7 @@ only reach the store through the filesystem object rnb-ray pickles into their ta
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -28,31 +26,10 @@ from rnb_ray.storage import list_files
 BUCKET = "rnb-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(ray_session):
-    """A local S3 server, the AWS variables pointing at it (set after Ray started), and a bucket."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
-        fs.create_dir(BUCKET)
-        yield fs
-    server.stop()
+def s3(ray_session, local_s3):
+    """The local S3 server with its variables set after Ray started (workers must not inherit them)."""
+    return local_s3
 
 
 def _objects(fs: pafs.S3FileSystem, prefix: str = BUCKET) -> list[str]:
