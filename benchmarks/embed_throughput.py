@@ -95,20 +95,9 @@ class TimedEmbedder(Embedder):
 class PreviousEmbedder(TimedEmbedder):
     """The Embedder before length sorting: one ``encode`` call over the batch in corpus order (for comparison)."""
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from rnb_ray.regroup.embed import EMBEDDING, EMPTY, embeddings_array, is_empty
-
-        t0 = time.time()
-        texts = batch.column(self.text_column)
-        empty = is_empty(texts)
-        E = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
-        keep = np.flatnonzero(~empty)
-        if len(keep):
-            values = texts.take(pa.array(keep)).to_pylist()
-            E[keep] = self.model.encode(values, batch_size=self.batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        out = batch.append_column(EMBEDDING, embeddings_array(E)).append_column(EMPTY, pa.array(empty, pa.bool_()))
-        return _stamp(self, out, t0, time.time())
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
 
 
 def baseline(texts: list[str], model, threads: int, batch_size: int) -> dict:

@@ -207,9 +207,13 @@ class Embedder:
         keep = np.flatnonzero(~empty)
         if len(keep):
             values = texts.take(pa.array(keep)).to_pylist()
-            E[keep] = encode_by_length(self.model, values, self.batch_size, self.max_tokens)
+            E[keep] = self.encode(values)
         batch = batch.append_column(EMBEDDING, embeddings_array(E))
         return batch.append_column(EMPTY, pa.array(empty, pa.bool_()))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-normalised embeddings of non-empty texts, in their order (length-sorted passes inside)."""
+        return encode_by_length(self.model, texts, self.batch_size, self.max_tokens)
 
 
 def embedding_settings(model: ModelRef, max_seq_length: int | None) -> dict:
