@@ -65,13 +65,9 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.output:
             raise RnbError("no run directory given", where="--output", fix="pass --output runs/NAME")
-        from rnb_ray.storage import is_uri
+        from rnb_ray.storage import refuse_uris
 
-        for flag, value in (("--input", self.input), ("--output", self.output)):
-            if is_uri(value):
-                raise RnbError(f"{value} is an object-store URI; rnb run reads and writes local or shared paths "
-                               "only", where=flag, fix="copy the corpus to a filesystem every node sees (rnb "
-                               "regroup, assign and train take s3:// / gs:// URIs)")
+        refuse_uris("rnb run", {"--input": self.input, "--output": self.output})
         if self.input is not None and not Path(self.input).exists():
             raise RnbError(f"input corpus {self.input} does not exist", where="--input",
                            fix="pass a parquet file or directory, or omit --input for the embedded corpus")

@@ -43,6 +43,16 @@ def is_uri(path: str | Path | None) -> bool:
     return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
 
 
+def refuse_uris(command: str, paths: dict[str, str | Path | None]) -> None:
+    """RnbError for the first object-store URI among ``{flag: path}`` of a command that needs local or
+    shared paths (``rnb sweep``, ``rnb run``)."""
+    for flag, value in paths.items():
+        if is_uri(value):
+            raise RnbError(f"{value} is an object-store URI; {command} reads and writes local or shared paths "
+                           "only", where=flag, fix="copy the corpus to a filesystem every node sees (rnb "
+                           "regroup, assign and train take s3:// / gs:// URIs)")
+
+
 def _local(path: str | Path) -> str:
     s = str(path)
     if s.startswith("file://"):

@@ -252,13 +252,9 @@ def _validate_input(cfg: SweepConfig) -> Any:
         raise RnbError("no output directory given", where="--output", fix="pass --output OUT")
     if not cfg.input:
         raise RnbError("no input corpus given", where="--input", fix="pass --input CORPUS (parquet file or dir)")
-    from rnb_ray.storage import is_uri
+    from rnb_ray.storage import refuse_uris
 
-    for flag, value in (("--input", cfg.input), ("--output", cfg.output)):
-        if is_uri(value):
-            raise RnbError(f"{value} is an object-store URI; rnb sweep reads and writes local or shared paths only",
-                           where=flag, fix="copy the corpus to a filesystem every node sees (rnb regroup, assign "
-                           "and train take s3:// / gs:// URIs)")
+    refuse_uris("rnb sweep", {"--input": cfg.input, "--output": cfg.output})
     if not Path(cfg.input).exists():
         raise RnbError(f"input corpus {cfg.input} does not exist", where="--input", fix="check the path")
     out = Path(cfg.output).absolute()
