@@ -129,7 +129,7 @@ class RnB(Strategy):
             return p, f"non-finite gradient for domain(s) {bad}"
         if self.last_grads is None or self.last_grads.shape != grads.shape:
             self.last_grads = np.zeros_like(grads)
-        est = grads if grads is not stats.grads or grads.flags.writeable else grads.copy()
+        est = grads if grads.flags.writeable else grads.copy()  # asarray's own copies are writeable
         for i in np.flatnonzero(~present):  # a domain absent from this round keeps its last estimate
             est[i] = self.last_grads[i]
         G = gram(est)
