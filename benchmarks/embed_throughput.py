@@ -118,7 +118,7 @@ def pipeline(corpus_path: Path, model_path: str, actors: int, batch_size: int, m
     from ray.data import ActorPoolStrategy
 
     from rnb_ray.corpus import open_corpus
-    from rnb_ray.regroup.distributed import ordered_execution
+    from rnb_ray.ray_env import ordered_execution
 
     load = os.getloadavg()[0]
     corpus = open_corpus(corpus_path, "text")

@@ -28,11 +28,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from rnb_ray.atomic import atomic_dir
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 _SEPARATOR = re.compile(r"(?m)^%[ \t]*$")
@@ -180,21 +181,12 @@ def build(output: Path, *, heldout_frac: float = 0.1, seed: int = 0, min_per_cat
         - sum(len(v) for v in categories.values()),
         **info,
     }
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:
         pq.write_table(_table(train), tmp / "train.parquet")
         pq.write_table(_table(heldout), tmp / "heldout.parquet")
         if vocab_size:
             train_tokenizer([r["text"] for r in train], tmp / "tokenizer", vocab_size)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

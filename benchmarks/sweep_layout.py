@@ -45,9 +45,10 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
+    from rnb_ray.ray_env import quiet_ray_logs
     from rnb_ray.sample import write_sample_corpus
     from rnb_ray.sweep.config import SweepConfig
-    from rnb_ray.sweep.tune import quiet_ray_logs, run_sweep
+    from rnb_ray.sweep.tune import run_sweep
 
     n_docs, steps = (360, 10) if args.quick else (1000, 40)
     tmp = Path(tempfile.mkdtemp(prefix="rnb-sweep-bench-"))

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rnb_ray import atomic
 from rnb_ray.errors import RnbError
 
 C = TypeVar("C")
@@ -134,7 +135,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic.write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from rnb_ray import storage
+from rnb_ray import atomic, storage
 from rnb_ray.errors import RnbError
 
 ROW_ID = "__rnb_row_id"
@@ -556,36 +553,6 @@ class CorpusDatasource(Datasource):  # type: ignore[misc]
         return "ReadCorpus"
 
 
-def find_rnb_error(exc: BaseException) -> RnbError | None:
-    """The RnbError raised inside a Ray task, unwrapped from Ray's exception wrappers (or None)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if type(e) is RnbError:
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
-
-
-@contextlib.contextmanager
-def rnb_errors_from_ray() -> Iterator[None]:
-    """Re-raise an RnbError that happened inside Ray tasks as itself (the CLI prints it cleanly)."""
-    try:
-        yield
-    except Exception as e:
-        if type(e) is RnbError:
-            raise
-        # Ray re-raises a task's error as RayTaskError(RnbError), a subclass carrying Ray's traceback text
-        inner = find_rnb_error(e)
-        if inner is not None:
-            raise RnbError(inner.what, where=inner.where, fix=inner.fix) from e
-        raise
-
-
 # --------------------------------------------------------------------------------------------------
 # Atomic output directories.
 
@@ -617,22 +584,9 @@ def atomic_output_dir(output: str | Path, overwrite: bool) -> Iterator[Path]:
     A failed or interrupted run leaves nothing at ``output`` (and removes its temporary directory).
     """
     out = check_output_dir(output, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out) as tmp:
         yield tmp
         check_output_dir(out, overwrite)  # someone may have written there meanwhile
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -16,10 +16,9 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from rnb_ray import atomic
 from rnb_ray.errors import RnbError
 from rnb_ray.report.rundir import RunFiles, domain_dirs, final_mixture, read_json, resolve_run
 
@@ -75,9 +74,5 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> s
         out = Path(output)
         if out.is_dir():
             raise RnbError(f"--output {out} is a directory", fix="give a file name, e.g. mixture.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
+        atomic.write_text(out, text)
     return text

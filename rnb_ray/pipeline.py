@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rnb_ray import atomic
 from rnb_ray.config import to_dict
 from rnb_ray.errors import RnbError
 
@@ -134,13 +135,13 @@ class _Stages:
         partial_ok = resumable and not self.cfg.force and (_read(started) or {}).get("hash") == h
         if d.exists() and not partial_ok:
             shutil.rmtree(d)  # stale output (other settings) or a partial stage that cannot resume
-        started.write_text(json.dumps({"hash": h}), encoding="utf-8")
+        atomic.write_json(started, {"hash": h})
         self.log(f"[{name}] running (settings {h})")
         t0 = time.perf_counter()
         body(d)
         seconds = time.perf_counter() - t0
-        done.write_text(json.dumps({"stage": name, "hash": h, "seconds": seconds, "settings": settings,
-                                    "upstream": upstream}, indent=2, default=str) + "\n", encoding="utf-8")
+        atomic.write_json(done, {"stage": name, "hash": h, "seconds": seconds, "settings": settings,
+                                 "upstream": upstream})
         self.log(f"[{name}] done in {seconds:.1f} s")
         self.record[name] = {"hash": h, "skipped": False, "seconds": seconds, "output": str(d)}
         return h
@@ -251,7 +252,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         "config": to_dict(cfg), "corpus": corpus, "best": best, "stages": stages.record,
         "seconds_total": None,
     }
-    _write_json(run / "pipeline.json", summary)  # the report reads stage timings from it
+    atomic.write_json(run / "pipeline.json", summary)  # the report reads stage timings from it
 
     def do_report(d: Path) -> None:
         from rnb_ray.report.html import write_report
@@ -261,7 +262,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     stages.stage("report", {"version": 1}, [train_hash, sweep_hash], do_report)
     summary["stages"] = stages.record
     summary["seconds_total"] = time.perf_counter() - t_start
-    _write_json(run / "pipeline.json", summary)
+    atomic.write_json(run / "pipeline.json", summary)
     log(f"done in {summary['seconds_total']:.1f} s: best k = {best_k}; report: {run / 'report' / 'report.html'}")
     return summary
 
@@ -270,8 +271,3 @@ def _fingerprint(p: Path) -> list[tuple[str, int, int]]:
     files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -1,13 +1,20 @@
-"""Connecting to Ray and failing fast instead of waiting forever for resources.
+"""Everything about living with Ray: connecting, failing fast, errors and logs.
 
-Ray queues work that asks for more than the cluster has and waits indefinitely; users of data-mixing
-tools list "hangs" among their top complaints. Everything that starts Ray work checks first.
+* :func:`connect` joins a cluster (failing within seconds when nothing answers) or starts a local Ray.
+* :func:`require_resources` fails at once where Ray would queue work that asks for more than the cluster
+  has and wait indefinitely (users of data-mixing tools list "hangs" among their top complaints).
+* :func:`rnb_errors_from_ray` re-raises our own ``RnbError`` from inside Ray tasks as itself.
+* :func:`ordered_execution` and :func:`quiet_ray_logs` set Ray Data's ordering and keep Ray's progress
+  noise off the console (everything stays in Ray's log files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+from collections.abc import Iterator
 
 from rnb_ray.errors import RnbError
 
@@ -110,3 +117,65 @@ def require_resources(*, cpus: float = 0, gpus: float = 0, what: str) -> None:
             f"{what} needs {gpus:g} GPUs but the Ray cluster has {have_gpu:g}",
             fix="drop --use-gpu, or add GPU nodes to the cluster",
         )
+
+
+def find_rnb_error(exc: BaseException) -> RnbError | None:
+    """The RnbError raised inside a Ray task, unwrapped from Ray's exception wrappers (or None)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is RnbError:
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+@contextlib.contextmanager
+def rnb_errors_from_ray() -> Iterator[None]:
+    """Re-raise an RnbError that happened inside Ray tasks as itself (the CLI prints it cleanly)."""
+    try:
+        yield
+    except Exception as e:
+        if type(e) is RnbError:
+            raise
+        # Ray re-raises a task's error as RayTaskError(RnbError), a subclass carrying Ray's traceback text
+        inner = find_rnb_error(e)
+        if inner is not None:
+            raise RnbError(inner.what, where=inner.where, fix=inner.fix) from e
+        raise
+
+
+@contextlib.contextmanager
+def ordered_execution(quiet: bool = False) -> Iterator[None]:
+    """Ray Data keeps block order while inside (deterministic sums, contiguous row-id ranges).
+
+    ``quiet`` hides Ray Data's progress bars and per-execution log lines: a k-means iteration is a
+    sub-second pass, and the one line per iteration we log says more.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    ctx.execution_options.preserve_order = True
+    if quiet:
+        ctx.enable_progress_bars = False
+        data_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
+        data_log.setLevel(level)
+
+
+def quiet_ray_logs() -> None:
+    """Keep the console to our own progress lines: Ray Data's per-operator progress log and Tune's
+    per-trial status tables are noise next to the results table (everything stays in Ray's log files)."""
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

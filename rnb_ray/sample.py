@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rnb_ray import atomic
+
 # Varied topics so clusters mean something: text, numbers, networking, files, concurrency, testing...
 SAMPLE_MODULES: tuple[str, ...] = (
     "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions",
@@ -89,9 +91,7 @@ def sample_rows(modules: tuple[str, ...] = SAMPLE_MODULES) -> dict[str, list]:
 def write_sample_corpus(path: str | Path, modules: tuple[str, ...] = SAMPLE_MODULES) -> Path:
     """Write the sample corpus as one parquet file (columns id, text, source) and return its path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(sample_rows(modules))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic.atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
     return path

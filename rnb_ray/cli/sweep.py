@@ -7,8 +7,8 @@ import logging
 
 from rnb_ray.cli import add_stage_command
 from rnb_ray.config import load_config, overrides_from_args
+from rnb_ray.ray_env import quiet_ray_logs
 from rnb_ray.sweep.config import SweepConfig
-from rnb_ray.sweep.tune import quiet_ray_logs
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:

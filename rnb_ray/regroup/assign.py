@@ -30,11 +30,10 @@ from rnb_ray.corpus import (
     atomic_output,
     check_output_dir,
     open_corpus,
-    rnb_errors_from_ray,
 )
 from rnb_ray.errors import RnbError
+from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.distributed import ordered_execution
 from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
 from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS, write_domain_parts
 

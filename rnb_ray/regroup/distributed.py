@@ -21,7 +21,6 @@ The dataset needs the columns ``row_id`` (int64) and ``embedding`` (fixed_size_l
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from rnb_ray.errors import RnbError
+from rnb_ray.ray_env import ordered_execution
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.embed import EMBEDDING, embeddings_numpy
 
@@ -58,30 +58,6 @@ class KMeansResult:
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
-
-
-@contextlib.contextmanager
-def ordered_execution(quiet: bool = False) -> Iterator[None]:
-    """Ray Data keeps block order while inside (deterministic sums, contiguous row-id ranges).
-
-    ``quiet`` hides Ray Data's progress bars and per-execution log lines: a k-means iteration is a
-    sub-second pass, and the one line per iteration we log says more.
-    """
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = ctx.execution_options.preserve_order, ctx.enable_progress_bars
-    data_log = logging.getLogger("ray.data")
-    level = data_log.level
-    ctx.execution_options.preserve_order = True
-    if quiet:
-        ctx.enable_progress_bars = False
-        data_log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
-        data_log.setLevel(level)
 
 
 def _block_arrays(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:

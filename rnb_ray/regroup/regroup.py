@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rnb_ray import storage
+from rnb_ray.atomic import atomic_dir
 from rnb_ray.config import to_dict
 from rnb_ray.corpus import (
     FILE_SHIFT,
@@ -41,12 +40,12 @@ from rnb_ray.corpus import (
     atomic_output,
     check_output_dir,
     open_corpus,
-    rnb_errors_from_ray,
 )
 from rnb_ray.errors import RnbError
+from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.config import RegroupConfig
-from rnb_ray.regroup.distributed import KMeansResult, fit_kmeans, ordered_execution
+from rnb_ray.regroup.distributed import KMeansResult, fit_kmeans
 from rnb_ray.regroup.embed import (
     EMBEDDING,
     EMPTY,
@@ -188,11 +187,9 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
     require_resources(cpus=actors * cfg.embed_threads, what=f"embedding ({actors} actor(s) × {cfg.embed_threads} CPU)")
     log.info("embedding %s with %s: %d actor(s) × %d thread(s), batch %d → %s", corpus.input, model.name, actors,
              cfg.embed_threads, cfg.embed_batch_size, entry)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
+    # if_exists="keep": a concurrent run that filled the same entry first wins (same key, same embeddings)
+    with atomic_dir(entry, if_exists="keep") as tmp:
         totals = {"rows_read": 0, "empty": 0, "replaced": 0, "rows": 0}
         parts: list[CachePart] = []
         with rnb_errors_from_ray(), ordered_execution():
@@ -228,13 +225,6 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
             "parts": [p.__dict__ for p in parts],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # a concurrent run filled the same entry first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     emb = _load_entry(entry, corpus, cache_hit=False)
     log.info("embedded %d documents in %.1fs (%d empty dropped, %d with invalid UTF-8 replaced)", emb.n,
              emb.seconds, emb.n_dropped_empty, emb.n_replaced_utf8)

@@ -10,12 +10,10 @@ import base64
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from rnb_ray import atomic
 from rnb_ray.errors import RnbError
 from rnb_ray.report import plots
 from rnb_ray.report.rundir import RunFiles, read_json, read_metrics, resolve_run
@@ -254,18 +252,9 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if not d["metrics"] and not d["mixture"]:
         raise RnbError(f"{run.train} has neither metrics.jsonl nor mixture.json content",
                        fix="report on a run that has logged at least one step")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be shared/served
-    try:
+    with atomic.atomic_dir(out, mode=0o755) as tmp:  # a report is meant to be shared/served
         figs = _render_plots(run, d, tmp)
         (tmp / "report.html").write_text(render_page(run, d, figs), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps({"figures": {k: v.name for k, v in figs.items() if v}},
                                                     indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out / "report.html"

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from rnb_ray import atomic
 from rnb_ray.config import save_config, to_dict
 from rnb_ray.errors import RnbError
 from rnb_ray.sweep.config import SweepConfig
@@ -334,12 +335,6 @@ def _rows_from(results: Any, cfg: SweepConfig) -> list[TrialRow]:
     return sort_rows(rows)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_resumable(out: Path, cfg: SweepConfig) -> bool:
     """True when OUT holds an interrupted sweep with the same settings (resume it)."""
     saved = out / "config.json"
@@ -365,8 +360,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from rnb_ray.corpus import rnb_errors_from_ray
-    from rnb_ray.ray_env import require_resources
+    from rnb_ray.ray_env import require_resources, rnb_errors_from_ray
     from rnb_ray.regroup.regroup import embed_corpus
 
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -453,8 +447,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
            "cpus_per_trial": cfg.cpus_per_trial, "embeddings": str(emb.path)}
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(csv_rows(rows))
-    _atomic_text(out / "results.csv", buf.getvalue())
-    _atomic_text(out / "results.json", json.dumps(doc, indent=2, default=_json_default) + "\n")
+    atomic.write_text(out / "results.csv", buf.getvalue())
+    atomic.write_json(out / "results.json", doc, default=_json_default)
     if best is None:
         raise RnbError(f"every sweep trial failed ({len(rows)} trials); see {out / 'results.csv'}",
                        where=str(out / "tune"), fix="read the errors above; fix the input or the settings")
@@ -467,18 +461,10 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
             regroup(rbest)
         best_doc["regrouped"] = str(out / "regrouped")
         say(f"[sweep] regrouped corpus for k={best.k}: {out / 'regrouped'}")
-    _atomic_text(out / "best.json", json.dumps(best_doc, indent=2, default=_json_default) + "\n")
+    atomic.write_json(out / "best.json", best_doc, default=_json_default)
     say(f"[sweep] best: k={best.k} ({best.strategy}, λ={best.lam:g}), held-out loss {best.eval_loss:.4f}; "
         f"{out / 'results.csv'}")
     return doc
-
-
-def quiet_ray_logs() -> None:
-    """Keep the console to our own progress lines: Ray Data's per-operator progress log and Tune's
-    per-trial status tables are noise next to the results table (everything stays in Ray's log files)."""
-    for name in ("ray.data", "ray.tune", "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def _r(x: float | None) -> str:
