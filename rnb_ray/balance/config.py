@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from rnb_ray.balance.strategies import known_strategies
 from rnb_ray.errors import RnbError
 
 # Settings that may differ between a run and its ``--resume`` (they do not change the trajectory).
@@ -88,7 +89,6 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Cheap, local checks (types/ranges/paths); raises RnbError naming the setting."""
-        from rnb_ray.balance.mixing import known_strategies
 
         def bad(name: str, what: str, fix: str) -> RnbError:
             return RnbError(f"setting '{name}' {what}", where=f"--{name.replace('_', '-')}", fix=fix)

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from rnb_ray import storage
 from rnb_ray.balance.config import TrainConfig
-from rnb_ray.balance.mixing import check_weights
 from rnb_ray.balance.sampler import Chunk, DomainStream
+from rnb_ray.balance.strategies.simple import check_weights
 from rnb_ray.errors import RnbError
 
 log = logging.getLogger(__name__)

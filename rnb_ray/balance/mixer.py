@@ -17,16 +17,16 @@ Fault tolerance:
   ``metrics.jsonl`` are cut back to that step, so the run continues the same trajectory.
 * The mixer never blocks the caller forever: workers wait on it with a timeout (``round_timeout_s``).
 
-It also records the run: ``metrics.jsonl`` rows (sent by rank 0), ``mixture.json`` and ``result.json``.
-The class is plain Python; ``create_mixer`` wraps it as an actor, and in-process training
-(``train.run_training_loop`` without Ray Train) uses it directly.
+It is also the one writer of the run's records (``balance/records.py``): the ``metrics.jsonl`` rows rank 0
+sends (``log``), and ``mixture.json`` and ``result.json`` when the run finishes (``finish``).
+The class is plain Python; ``create_mixer`` wraps it as an actor, and in-process training (no Ray Train)
+uses it directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -35,8 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from rnb_ray.balance.mixing import apply_floor, domain_means, known_strategies
-from rnb_ray.balance.strategy import STRATEGIES, RoundStats, Strategy
+from rnb_ray import atomic
+from rnb_ray.balance import strategies
+from rnb_ray.balance.gram import apply_floor, domain_means
+from rnb_ray.balance.records import RunRecords
+from rnb_ray.balance.strategies import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
@@ -55,17 +58,8 @@ class MixerSpec:
 
 
 def build_strategy(spec: MixerSpec) -> Strategy:
-    """Construct the strategy; option errors become RnbError naming ``strategy_options``."""
-    known_strategies()  # registers the baselines
-    if spec.strategy not in STRATEGIES:
-        raise RnbError(f"unknown strategy {spec.strategy!r}", where="--strategy",
-                       fix=f"use one of {', '.join(sorted(STRATEGIES))}")
-    try:
-        return STRATEGIES[spec.strategy](len(spec.domains), sizes=np.asarray(spec.sizes, dtype=np.float64),
-                                         q=np.asarray(spec.q, dtype=np.float64), **spec.options)
-    except (ValueError, TypeError) as e:
-        raise RnbError(f"bad options for strategy {spec.strategy}: {e}", where="--strategy-options",
-                       fix="check the option names and values in the strategy's documentation") from e
+    """Construct the run's strategy; an unknown name or bad options become an RnbError."""
+    return strategies.build(spec.strategy, len(spec.domains), sizes=spec.sizes, q=spec.q, options=spec.options)
 
 
 def _add_up(arrays: Iterable[Any]) -> np.ndarray:
@@ -81,15 +75,9 @@ def _add_up(arrays: Iterable[Any]) -> np.ndarray:
     return total
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _tensors(obj: Any) -> Any:
     """numpy arrays → torch tensors, so state saves with torch.save and loads with weights_only=True."""
-    import torch
+    import torch  # heavy import, only when state is saved
 
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(obj))
@@ -103,17 +91,17 @@ def _tensors(obj: Any) -> Any:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Mixer state on disk: torch.save of plain containers and tensors (never an arbitrary pickle)."""
-    import torch
+    """Mixer state on disk, written atomically: torch.save of plain containers and tensors (never an
+    arbitrary pickle)."""
+    import torch  # heavy import, only when state is saved
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(_tensors(state), tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_file(path) as tmp:
+        torch.save(_tensors(state), tmp)
 
 
 def load_state(path: Path) -> dict[str, Any]:
     """Inverse of save_state; ``weights_only=True`` so a checkpoint cannot run code when loaded."""
-    import torch
+    import torch  # heavy import, only when state is loaded
 
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -126,7 +114,7 @@ class Mixer:
         self.dir = Path(spec.run_dir) / "mixer"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.pt"
-        self.metrics_path = Path(spec.run_dir) / "metrics.jsonl"
+        self.records = RunRecords(spec.run_dir)
         self.m = len(spec.domains)
         self._pending: dict[int, dict[int, dict[str, Any]]] = {}
         self._events: dict[int, asyncio.Event] = {}
@@ -136,7 +124,6 @@ class Mixer:
         if self.state_path.is_file():  # a restart after a crash: continue where the last round left off
             self._load(load_state(self.state_path))
             self.restarted = True
-        self.metrics = self._read_metrics()
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> None:
@@ -176,8 +163,7 @@ class Mixer:
             self._fresh()
         else:
             self._load(state)
-        self.metrics = [r for r in self._read_metrics() if r.get("step", 0) <= step] if state is not None else []
-        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self.records.cut_back(step if state is not None else None)
         self._persist()
         return self.current()
 
@@ -254,46 +240,24 @@ class Mixer:
         self._persist()
 
     # ------------------------------------------------------------------ recording
-    def _read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line after a crash
-        return rows
-
     def log(self, row: dict[str, Any]) -> None:
-        self.metrics.append(row)
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        """Append one ``metrics.jsonl`` row (sent by rank 0)."""
+        self.records.append_metrics(row)
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         self.summary = summary
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Write ``mixture.json`` and ``result.json``; return the result summary."""
-        domains = self.spec.domains
-        mixture = {
-            "strategy": self.spec.strategy, "domains": domains,
-            "final": dict(zip(domains, self.p.tolist(), strict=True)),
-            "q": dict(zip(domains, self.spec.q, strict=True)), "lam": self.spec.lam, "floor": self.spec.floor,
-            "options": self.spec.options,
-            "trajectory": [{"round": t["round"], "step": t["step"], "mixture": t["mixture"],
-                            "skipped": t.get("skipped")} for t in self.trajectory],
-            "last_gram": self.last_gram,
-        }
-        root = Path(self.spec.run_dir)
-        _atomic_write(root / "mixture.json", (json.dumps(mixture, indent=1) + "\n").encode())
+        spec = self.spec
+        final = self.records.write_mixture(
+            strategy=spec.strategy, domains=spec.domains, p=self.p.tolist(), q=spec.q, lam=spec.lam,
+            floor=spec.floor, options=spec.options, trajectory=self.trajectory, last_gram=self.last_gram)
         summary = dict(self.summary or {})
         summary.update(extra)
         summary.update({"rounds": self.round, "skipped_rounds": sum(1 for t in self.trajectory if t.get("skipped")),
-                        "mixer_seconds": self.seconds, "mixer_flops": self.flops, "final_mixture": mixture["final"]})
-        _atomic_write(root / "result.json", (json.dumps(summary, indent=1) + "\n").encode())
+                        "mixer_seconds": self.seconds, "mixer_flops": self.flops, "final_mixture": final})
+        self.records.write_result(summary)
         return summary
 
     def ping(self) -> bool:
@@ -302,7 +266,7 @@ class Mixer:
 
 def create_mixer(spec: MixerSpec, name: str, *, max_restarts: int = 5) -> Any:
     """The run's named mixer actor, pinned to this node (it writes into the run directory), 0 CPUs."""
-    import ray
+    import ray  # heavy import, only on the driver that creates the actor
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor_cls = ray.remote(Mixer)

@@ -12,12 +12,11 @@ import math
 import numpy as np
 import pytest
 
-import rnb_ray.balance.baselines  # noqa: F401  (registers the strategies)
-from rnb_ray.balance.baselines.aioli import Aioli, perturbed_mixture
-from rnb_ray.balance.baselines.dga import DGA
-from rnb_ray.balance.baselines.doge import DoGE
-from rnb_ray.balance.baselines.skillit import SkillIt
-from rnb_ray.balance.strategy import STRATEGIES, RoundStats
+from rnb_ray.balance.strategies import STRATEGIES, RoundStats
+from rnb_ray.balance.strategies.aioli import Aioli, perturbed_mixture
+from rnb_ray.balance.strategies.dga import DGA
+from rnb_ray.balance.strategies.doge import DoGE
+from rnb_ray.balance.strategies.skillit import SkillIt, gradient_graph
 from rnb_ray.errors import RnbError
 
 SIZES = np.array([10.0, 20.0, 30.0])
@@ -278,8 +277,6 @@ def test_domains_without_evaluation_examples_do_not_block_updates():
 
 
 def test_skillit_gradient_graph_keeps_absent_domains_previous_edges():
-    from rnb_ray.balance.baselines.skillit import gradient_graph
-
     first = gradient_graph(GRADS, np.eye(3))
     grads = GRADS.copy()
     grads[0] = np.nan  # domain 0 absent: its row/column keep the first round's values

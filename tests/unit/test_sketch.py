@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnb_ray.balance.mixing import gram
+from rnb_ray.balance.gram import gram
 from rnb_ray.balance.sketch import (
     gram_relative_error,
     make_layer_sketch,

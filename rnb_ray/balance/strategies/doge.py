@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rnb_ray.balance.baselines._common import (
+from rnb_ray.balance.strategies._common import (
     alignment,
     check_range,
     multiplicative_update,
@@ -36,11 +36,10 @@ from rnb_ray.balance.baselines._common import (
     scaled,
     target_weights,
 )
-from rnb_ray.balance.strategy import RoundStats, Strategy, register
+from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
-@register
 class DoGE(Strategy):
     name: ClassVar[str] = "doge"
     needs_train_grads: ClassVar[bool] = True

@@ -29,15 +29,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rnb_ray.balance.baselines._common import (
+from rnb_ray.balance.strategies._common import (
     check_range,
+    load_matrix,
     normalize_log,
     option,
     reject_unknown,
     target_weights,
 )
-from rnb_ray.balance.baselines.dga import load_matrix
-from rnb_ray.balance.strategy import RoundStats, Strategy, register
+from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
@@ -61,7 +61,6 @@ def gradient_graph(grads: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return graph
 
 
-@register
 class SkillIt(Strategy):
     name: ClassVar[str] = "skillit"
     needs_train_grads: ClassVar[bool] = True  # False on instances with graph='identity' or a given graph

@@ -1,7 +1,10 @@
-"""Small pure helpers shared by the baseline strategies (numpy only)."""
+"""Helpers shared by the baseline strategies (DGA, DoGE, Skill-It, Aioli): simplex steps, alignment scores,
+and reading their options with errors that name the option (numpy; ``load_matrix`` may read a .npy/.json file)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,3 +113,28 @@ def alignment(grads: np.ndarray | None, target: np.ndarray | None) -> tuple[np.n
     scores = np.zeros(grads.shape[0])
     scores[present] = grads[present] @ target
     return scores, None
+
+
+def load_matrix(value: Any, *, name: str, strategy: str, shape: tuple[int | None, int]) -> np.ndarray:
+    """A matrix option given inline (nested list) or as a .npy / .json file path."""
+    if isinstance(value, str | Path):
+        path = Path(value)
+        if not path.is_file():
+            raise RnbError(f"{strategy} option {name}: file not found", where=str(path),
+                           fix="give an existing .npy or .json file, or the matrix inline")
+        value = np.load(path) if path.suffix == ".npy" else json.loads(path.read_text())
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RnbError(f"{strategy} option {name} is not a numeric matrix", where="strategy_options",
+                       fix=f"give {name} as a list of rows of numbers") from None
+    rows, cols = shape
+    if arr.ndim != 2 or arr.shape[1] != cols or (rows is not None and arr.shape[0] != rows):
+        want = f"({rows if rows is not None else 'N'}, {cols})"
+        raise RnbError(f"{strategy} option {name} has shape {arr.shape}, expected {want}",
+                       where="strategy_options", fix=f"give one row per {'domain' if rows else 'basis'}"
+                       f" with {cols} entries (one per domain)")
+    if not np.all(np.isfinite(arr)):
+        raise RnbError(f"{strategy} option {name} has non-finite entries", where="strategy_options",
+                       fix="use finite numbers")
+    return arr

@@ -33,14 +33,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rnb_ray.balance.baselines._common import (
+from rnb_ray.balance.strategies._common import (
     check_range,
     multiplicative_update,
     option,
     reject_unknown,
     target_weights,
 )
-from rnb_ray.balance.strategy import RoundStats, Strategy, register
+from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
@@ -63,7 +63,6 @@ def solve_mixing_law(mixtures: np.ndarray, deltas: np.ndarray) -> np.ndarray:
     return at.T
 
 
-@register
 class Aioli(Strategy):
     name: ClassVar[str] = "aioli"
     needs_eval_losses: ClassVar[bool] = True

@@ -26,50 +26,23 @@ independent of the gradient subset / sketch; ``scale='raw'`` is the paper's unsc
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from rnb_ray.balance.baselines._common import (
+from rnb_ray.balance.strategies._common import (
     alignment,
     check_range,
+    load_matrix,
     multiplicative_update,
     option,
     reject_unknown,
     scaled,
 )
-from rnb_ray.balance.strategy import RoundStats, Strategy, register
+from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
-def load_matrix(value: Any, *, name: str, strategy: str, shape: tuple[int | None, int]) -> np.ndarray:
-    """A matrix option given inline (nested list) or as a .npy / .json file path."""
-    if isinstance(value, str | Path):
-        path = Path(value)
-        if not path.is_file():
-            raise RnbError(f"{strategy} option {name}: file not found", where=str(path),
-                           fix="give an existing .npy or .json file, or the matrix inline")
-        value = np.load(path) if path.suffix == ".npy" else json.loads(path.read_text())
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise RnbError(f"{strategy} option {name} is not a numeric matrix", where="strategy_options",
-                       fix=f"give {name} as a list of rows of numbers") from None
-    rows, cols = shape
-    if arr.ndim != 2 or arr.shape[1] != cols or (rows is not None and arr.shape[0] != rows):
-        want = f"({rows if rows is not None else 'N'}, {cols})"
-        raise RnbError(f"{strategy} option {name} has shape {arr.shape}, expected {want}",
-                       where="strategy_options", fix=f"give one row per {'domain' if rows else 'basis'}"
-                       f" with {cols} entries (one per domain)")
-    if not np.all(np.isfinite(arr)):
-        raise RnbError(f"{strategy} option {name} has non-finite entries", where="strategy_options",
-                       fix="use finite numbers")
-    return arr
-
-
-@register
 class DGA(Strategy):
     name: ClassVar[str] = "dga"
     needs_train_grads: ClassVar[bool] = True

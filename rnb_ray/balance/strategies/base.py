@@ -6,17 +6,17 @@ next p. Strategies declare which signals they need, so the training loop only sp
 (evaluation passes) for the methods that need it, and accounts that cost in ``metrics.jsonl``:
 
 * ``needs_train_grads`` — per-domain mean gradients of the captured parameter subset, taken from the
-  ordinary backward pass (free; R&B, DoGE, DGA).
+  ordinary backward pass (free; R&B, DoGE, DGA, Skill-It's default gradient graph).
 * ``needs_eval_grad`` — the gradient of the evaluation loss on the same parameter subset (an extra
   forward+backward on evaluation data; DoGE, DGA).
 * ``needs_eval_losses`` — the evaluation loss per domain (extra forward passes; Skill-It, Aioli).
 
-Strategies are registered by name in ``STRATEGIES``; ``make_strategy`` builds one from a TrainConfig.
+The strategies are registered by name in ``rnb_ray.balance.strategies`` (``STRATEGIES``); ``build`` there
+constructs one by name, and the mixer actor (``balance/mixer.py``) drives it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -64,10 +64,3 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
 
-
-STRATEGIES: dict[str, Callable[..., Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    STRATEGIES[cls.name] = cls
-    return cls
