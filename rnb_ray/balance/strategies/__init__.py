@@ -25,17 +25,15 @@ from rnb_ray.balance.strategies.simple import Natural, Static, Stratified
 from rnb_ray.balance.strategies.skillit import SkillIt
 from rnb_ray.errors import RnbError
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (RnB, Stratified, Natural, Static, Aioli, DGA, DoGE, SkillIt)
+}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
     """Add a strategy class under its ``name`` (usable as a decorator for a strategy defined elsewhere)."""
     STRATEGIES[cls.name] = cls
     return cls
-
-
-for _cls in (RnB, Stratified, Natural, Static, Aioli, DGA, DoGE, SkillIt):
-    register(_cls)
 
 
 def known_strategies() -> list[str]:
