@@ -9,21 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from rnb_ray.balance.gram import softmax
 from rnb_ray.errors import RnbError
-
-
-def normalize_log(logits: np.ndarray) -> np.ndarray:
-    """exp(logits) / sum(exp(logits)), computed stably (a softmax)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - np.max(z)
-    e = np.exp(z)
-    return e / e.sum()
 
 
 def multiplicative_update(p: np.ndarray, score: np.ndarray, eta: float) -> np.ndarray:
     """Exponentiated-gradient step on the simplex: p_i ∝ p_i · exp(eta · score_i)."""
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-300, None)
-    return normalize_log(np.log(p) + eta * np.asarray(score, dtype=np.float64))
+    return softmax(np.log(p) + eta * np.asarray(score, dtype=np.float64))
 
 
 def target_weights(q: np.ndarray) -> np.ndarray:

@@ -29,10 +29,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from rnb_ray.balance.gram import softmax
 from rnb_ray.balance.strategies._common import (
     check_range,
     load_matrix,
-    normalize_log,
     option,
     reject_unknown,
     target_weights,
@@ -91,7 +91,7 @@ class SkillIt(Strategy):
 
     def initial(self) -> np.ndarray:
         if self.graph_mode == "given":
-            return normalize_log(self.eta * self.graph.sum(axis=1))  # p^1_i ∝ exp(η Σ_j A_ij)
+            return softmax(self.eta * self.graph.sum(axis=1))  # p^1_i ∝ exp(η Σ_j A_ij)
         return np.full(self.m, 1.0 / self.m)
 
     def update(self, p: np.ndarray, stats: RoundStats) -> tuple[np.ndarray, str | None]:
@@ -107,7 +107,7 @@ class SkillIt(Strategy):
         losses = np.where(np.isfinite(losses), losses, 0.0)
         self.history = (self.history + [losses.tolist()])[-self.window :]
         summed = np.sum(np.asarray(self.history), axis=0) * target_weights(self.q)
-        return normalize_log(self.eta * (self.graph @ summed)), None
+        return softmax(self.eta * (self.graph @ summed)), None
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "graph": self.graph.tolist()}
