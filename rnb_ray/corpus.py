@@ -68,7 +68,8 @@ def list_input(input_path: str | Path) -> tuple[str, files.Location, list[files.
     loc = files.locate(input_path, "input", flag="--input")
     if loc.kind == "missing":
         if loc.fs is None:
-            raise RnbError(f"input path {loc.shown} does not exist", fix="check --input (a file or a directory of files)")
+            raise RnbError(f"input path {loc.shown} does not exist",
+                           fix="check --input (a file or a directory of files)")
         raise RnbError(f"input {loc.shown} does not exist (no object or prefix of that name)", where=loc.shown,
                        fix="check --input (an object, or a prefix holding parquet, jsonl or csv files)")
     found = files.list_files(loc)

@@ -116,7 +116,7 @@ def bucket_of(fs: pafs.FileSystem, path: str) -> str | None:
 
 
 def access_error(action: str, shown: str, e: OSError) -> RnbError:
-    """The RnbError for a store operation that failed (credentials, endpoint, network): ``cannot <action> <shown>``."""
+    """``cannot <action> <shown>``: an RnbError for a store operation that failed (credentials, endpoint, network)."""
     return RnbError(f"cannot {action} {shown}: {e}", where=shown, fix=_CRED_FIX)
 
 

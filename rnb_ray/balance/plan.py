@@ -3,8 +3,8 @@
 Accepted ``--data`` (a local path, or an ``s3://``/``gs://`` URI read through pyarrow's filesystems): an
 ``rnb regroup`` output directory (``domains.json`` + ``data/domain=<id>/*.parquet``,
 the domain taken from the column or from the hive path), or any parquet/jsonl file or directory of them
-with a domain column (``domain_column``); files are found by :mod:`rnb_ray.files`. Domain names are the string form of the values, ordered
-numerically when all are integers, else lexicographically.
+with a domain column (``domain_column``); the files are listed by :mod:`rnb_ray.files`. Domain names are the
+string form of the values, ordered numerically when all are integers, else lexicographically.
 
 ``prepare_plan`` runs on the driver before any Ray work: it reads only the domain (and category) columns,
 validates everything a user can get wrong, makes the held-out split, and returns a ``Plan`` — row numbers
@@ -80,10 +80,12 @@ def list_data(path: str, what: str = "--data") -> tuple[pafs.FileSystem | None, 
     loc = files.locate(path, what)
     if loc.kind == "file":
         if Path(loc.path).suffix not in SUFFIXES:
-            raise RnbError(f"{loc.shown} is not a parquet or jsonl file", where=what, fix="give .parquet or .jsonl data")
+            raise RnbError(f"{loc.shown} is not a parquet or jsonl file", where=what,
+                           fix="give .parquet or .jsonl data")
         return loc.fs, files.list_files(loc)
     if loc.kind == "missing":
-        raise RnbError(f"{loc.shown} does not exist", where=what, fix="check the path" if loc.fs is None else "check the URI")
+        raise RnbError(f"{loc.shown} does not exist", where=what,
+                       fix="check the path" if loc.fs is None else "check the URI")
     if loc.child("domains.json").kind == "file" and (data := loc.child("data")).kind == "dir":
         loc = data
     found = files.list_files(loc, suffixes=SUFFIXES)
