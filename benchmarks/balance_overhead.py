@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
-from rnb_ray.balance.data import ChunkReader, prepare_plan, worker_streams  # noqa: E402
 from rnb_ray.balance.gram import domain_means, gram, rnb_mixture  # noqa: E402
 from rnb_ray.balance.lm import build_model, grad_token_mask, load_tokenizer, per_example_loss  # noqa: E402
+from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_streams  # noqa: E402
 from rnb_ray.balance.sampler import DomainSampler  # noqa: E402
 from rnb_ray.balance.sketch import gram_relative_error  # noqa: E402
 

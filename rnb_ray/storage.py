@@ -13,15 +13,13 @@ pyarrow's GcsFileSystem the same way (``GOOGLE_APPLICATION_CREDENTIALS`` or the 
 
 Ray tasks receive the filesystem *object* (pickled with its endpoint and options, not with credentials):
 each worker authenticates through the same standard chain on its own node.
+
+Built on this: :mod:`rnb_ray.files` finds input files, :mod:`rnb_ray.outputs` writes stage outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,12 +115,17 @@ def bucket_of(fs: pafs.FileSystem, path: str) -> str | None:
     return path.split("/", 1)[0] or None
 
 
+def access_error(action: str, shown: str, e: OSError) -> RnbError:
+    """``cannot <action> <shown>``: an RnbError for a store operation that failed (credentials, endpoint, network)."""
+    return RnbError(f"cannot {action} {shown}: {e}", where=shown, fix=_CRED_FIX)
+
+
 def info(fs: pafs.FileSystem, path: str, uri: str, what: str) -> pafs.FileInfo:
     """``fs.get_file_info(path)`` with store errors (credentials, network) as an RnbError."""
     try:
         return fs.get_file_info(path)
     except OSError as e:
-        raise RnbError(f"cannot access {what} {strip_query(uri)}: {e}", where=strip_query(uri), fix=_CRED_FIX) from e
+        raise access_error(f"access {what}", strip_query(uri), e) from e
 
 
 def require_bucket(fs: pafs.FileSystem, path: str, uri: str, what: str) -> None:
@@ -158,103 +161,6 @@ def relative_parts(root: str, path: str) -> tuple[str, ...]:
     """Components of ``path`` below ``root`` (both inside the same filesystem)."""
     rel = path[len(root.rstrip("/")):].lstrip("/") if path.startswith(root.rstrip("/")) else path
     return tuple(p for p in rel.split("/") if p)
-
-
-# --------------------------------------------------------------------------------------------------
-# Output prefixes on an object store: written under a temporary prefix, copied into place at the end.
-
-
-def check_output_prefix(uri: str, overwrite: bool, what: str = "output") -> tuple[pafs.FileSystem, str]:
-    """An output URI we may write: its bucket exists, and nothing is there (or ``overwrite``)."""
-    fs, path = resolve(uri, what)
-    require_bucket(fs, path, uri, what)
-    fi = info(fs, path, uri, what)
-    if fi.type == pafs.FileType.File:
-        raise RnbError(f"{what} {strip_query(uri)} exists and is an object, not a prefix", where=strip_query(uri),
-                       fix="choose another --output")
-    if fi.type == pafs.FileType.Directory and list_files(fs, path) and not overwrite:
-        raise RnbError(f"{what} {strip_query(uri)} exists and is not empty", where=strip_query(uri),
-                       fix="choose another --output, or pass --overwrite to replace it")
-    return fs, path
-
-
-def _delete_prefix(fs: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(OSError):
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-
-
-@contextlib.contextmanager
-def atomic_output_prefix(uri: str, overwrite: bool, marker: str) -> Iterator[tuple[pafs.FileSystem, str]]:
-    """Yield ``(fs, temporary prefix)`` beside ``uri``; copy it into place if the block succeeds.
-
-    Object stores have no rename: the finished temporary prefix is copied object by object (server-side)
-    to ``uri`` with ``marker`` (e.g. ``domains.json``) copied last, then deleted. This is not atomic, but a
-    reader that sees ``marker`` sees a complete output; with ``overwrite`` the old marker is deleted first.
-    On failure the temporary prefix (and anything already copied) is deleted, and ``uri`` holds nothing.
-    """
-    fs, out = check_output_prefix(uri, overwrite)
-    parent, _, name = out.rpartition("/")
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    copied = False
-    try:
-        yield fs, tmp
-        check_output_prefix(uri, overwrite)  # someone may have written there meanwhile
-        files = [i.path for i in list_files(fs, tmp)]
-        marker_path = f"{tmp}/{marker}"
-        if marker_path not in files:
-            raise RuntimeError(f"output under {tmp} lacks its marker file {marker}")
-        if overwrite:
-            with contextlib.suppress(OSError):
-                fs.delete_file(f"{out}/{marker}")
-            _delete_prefix(fs, out)
-        copied = True
-        for src in [f for f in files if f != marker_path] + [marker_path]:
-            fs.copy_file(src, out + src[len(tmp):])
-        _delete_prefix(fs, tmp)
-    except BaseException:
-        _delete_prefix(fs, tmp)
-        if copied:
-            _delete_prefix(fs, out)
-        raise
-
-
-class OutputDir:
-    """Where a stage writes its output: a local directory (plain ``os``) or a prefix in a filesystem."""
-
-    def __init__(self, fs: pafs.FileSystem | None, path: str):
-        self.fs = fs  # None: local, written with os/Path as before
-        self.path = path
-
-    @property
-    def local(self) -> Path:
-        assert self.fs is None
-        return Path(self.path)
-
-    def child(self, name: str) -> str:
-        return os.path.join(self.path, name) if self.fs is None else f"{self.path}/{name}"
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        if self.fs is None:
-            Path(self.child(name)).write_bytes(data)
-        else:
-            write_bytes(self.fs, self.child(name), data)
-
-    def write_text(self, name: str, text: str) -> None:
-        self.write_bytes(name, text.encode("utf-8"))
-
-    def save_npy(self, name: str, array) -> None:
-        import numpy as np
-
-        buf = io.BytesIO()
-        np.save(buf, array)
-        self.write_bytes(name, buf.getvalue())
-
-
-def ensure_dir(fs: pafs.FileSystem | None, path: str) -> None:
-    """``mkdir -p`` locally; nothing on an object store (prefixes need no creation)."""
-    if fs is None:
-        os.makedirs(path, exist_ok=True)
 
 
 def display_path(fs: pafs.FileSystem | None, path: str) -> str:

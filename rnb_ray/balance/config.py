@@ -2,7 +2,7 @@
 
 Loaded from YAML/JSON, overridden by CLI flags (``--lam 3``), validated before any Ray work, and saved as
 ``RUN/config.json``. Validation here is cheap and local (types, ranges, files that must exist); checks
-that need the data (domains, weights file contents) run in ``balance.data.prepare_plan``.
+that need the data (domains, weights file contents) run in ``balance.plan.prepare_plan``.
 """
 
 from __future__ import annotations

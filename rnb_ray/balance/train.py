@@ -43,7 +43,6 @@ import torch
 
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.config import TrainConfig, resolve_resume
-from rnb_ray.balance.data import ChunkReader, Plan, prepare_plan, worker_eval_set, worker_streams
 from rnb_ray.balance.lm import (
     build_model,
     check_model_source,
@@ -53,6 +52,7 @@ from rnb_ray.balance.lm import (
     per_example_loss,
 )
 from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer, load_state, save_state
+from rnb_ray.balance.plan import ChunkReader, Plan, prepare_plan, worker_eval_set, worker_streams
 from rnb_ray.balance.sampler import DomainSampler
 from rnb_ray.config import save_config
 from rnb_ray.errors import RnbError

@@ -21,18 +21,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from rnb_ray import storage
-from rnb_ray.corpus import (
-    INTERNAL_COLUMNS,
-    REPLACED,
-    ROW_ID,
-    atomic_output,
-    check_output_dir,
-    open_corpus,
-)
+from rnb_ray.corpus import INTERNAL_COLUMNS, REPLACED, ROW_ID, open_corpus
 from rnb_ray.errors import RnbError
-from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
+from rnb_ray.outputs import atomic_output, check_output_dir
+from rnb_ray.ray_env import ordered_execution, require_resources, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
 from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS, write_domain_parts
@@ -45,7 +40,7 @@ def _load_domains_uri(uri: str) -> tuple[dict, np.ndarray]:
     fs, path = storage.resolve(uri, "--domains")
     shown = storage.strip_query(uri)
     storage.require_bucket(fs, path, uri, "domains file")
-    if storage.info(fs, path, uri, "domains file").type != storage.pafs.FileType.File:
+    if storage.info(fs, path, uri, "domains file").type != pafs.FileType.File:
         raise RnbError(f"domains file {shown} does not exist", where=shown,
                        fix="pass OUT/domains.json of an rnb regroup run")
     try:
@@ -57,7 +52,7 @@ def _load_domains_uri(uri: str) -> tuple[dict, np.ndarray]:
         raise RnbError(f"domains file {shown} lacks {', '.join(missing)}", where=shown,
                        fix="pass the domains.json written by rnb regroup")
     cpath = f"{path.rpartition('/')[0]}/{doc['centroids']}"
-    if storage.info(fs, cpath, uri, "centroids file").type != storage.pafs.FileType.File:
+    if storage.info(fs, cpath, uri, "centroids file").type != pafs.FileType.File:
         raise RnbError(f"centroids file {storage.display_path(fs, cpath)} named by {shown} does not exist",
                        where=storage.display_path(fs, cpath))
     return doc, np.load(io.BytesIO(storage.read_bytes(fs, cpath)))
@@ -146,8 +141,6 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
     """
     import ray
     from ray.data import ActorPoolStrategy
-
-    from rnb_ray.ray_env import require_resources
 
     doc, C, corpus, model = validate_assign(domains_json, input, output, text_column=text_column,
                                             overwrite=overwrite)

@@ -31,18 +31,10 @@ import pyarrow.parquet as pq
 from rnb_ray import storage
 from rnb_ray.atomic import atomic_dir
 from rnb_ray.config import to_dict
-from rnb_ray.corpus import (
-    FILE_SHIFT,
-    INTERNAL_COLUMNS,
-    REPLACED,
-    ROW_ID,
-    Corpus,
-    atomic_output,
-    check_output_dir,
-    open_corpus,
-)
+from rnb_ray.corpus import FILE_SHIFT, INTERNAL_COLUMNS, REPLACED, ROW_ID, Corpus, open_corpus
 from rnb_ray.errors import RnbError
-from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
+from rnb_ray.outputs import atomic_output, check_output_dir, ensure_dir
+from rnb_ray.ray_env import ordered_execution, require_resources, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.config import RegroupConfig
 from rnb_ray.regroup.distributed import KMeansResult, fit_kmeans
@@ -56,6 +48,7 @@ from rnb_ray.regroup.embed import (
     resolve_model,
     settings_key,
 )
+from rnb_ray.sample import write_sample_corpus
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +106,6 @@ def resolve_input(cfg: RegroupConfig) -> tuple[str, str | None]:
     """The corpus path and domain column; with no input, the embedded standard-library corpus."""
     if cfg.input is not None:
         return cfg.input, cfg.domain_column
-    from rnb_ray.sample import write_sample_corpus
-
     path = cfg.resolved_cache_dir() / f"sample-corpus-py{sys.version_info.major}.{sys.version_info.minor}" \
         / "sample.parquet"
     if not path.exists():
@@ -167,8 +158,6 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
     """
     import ray
     from ray.data import ActorPoolStrategy
-
-    from rnb_ray.ray_env import require_resources
 
     cfg.validate()
     corpus = _corpus_for(cfg)
@@ -359,7 +348,7 @@ def label_and_write(corpus: Corpus, emb: EmbeddingSet, centroids: np.ndarray, me
 
     ``filesystem``: None for a local ``data_dir``, else the pyarrow filesystem it is in (pickled into the tasks).
     """
-    storage.ensure_dir(filesystem, str(data_dir))
+    ensure_dir(filesystem, str(data_dir))
     parts = [(p.file, p.min_row_id, p.max_row_id) for p in emb.parts]
     stats = WriteStats()
     with rnb_errors_from_ray(), ordered_execution():

@@ -87,7 +87,8 @@ def _load(cfg: SweepConfig, emb: Any) -> SweepData:
     """Embeddings (from the cache) and texts of the embedded documents, aligned by row id."""
     import pyarrow as pa
 
-    from rnb_ray.corpus import ROW_ID, read_fragment
+    from rnb_ray.corpus import ROW_ID
+    from rnb_ray.corpus_read import read_fragment
     from rnb_ray.regroup import kmeans as km
     from rnb_ray.regroup.embed import embeddings_numpy
 

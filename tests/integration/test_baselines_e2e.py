@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rnb_ray.balance.config import TrainConfig
-from rnb_ray.balance.data import ChunkReader, prepare_plan, worker_eval_set
+from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_eval_set
 from rnb_ray.cli import main
 
 MODULES = ["asyncio", "email", "logging"]

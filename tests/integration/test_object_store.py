@@ -109,7 +109,7 @@ def test_assign_from_s3_domains_to_s3(ray_session, s3, regrouped_s3):
 
 def test_training_plan_reads_the_s3_regroup_output(s3, regrouped_s3, tmp_path):
     from rnb_ray.balance.config import TrainConfig
-    from rnb_ray.balance.data import ChunkReader, prepare_plan
+    from rnb_ray.balance.plan import ChunkReader, prepare_plan
 
     plan = prepare_plan(TrainConfig(data=regrouped_s3, output=str(tmp_path / "run")))
     doc = json.loads(s3.open_input_stream(f"{BUCKET}/out/regrouped/domains.json").read())

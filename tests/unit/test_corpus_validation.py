@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rnb_ray.cli import main
-from rnb_ray.corpus import FILE_SHIFT, REPLACED, ROW_ID, atomic_output_dir, open_corpus, read_fragment
+from rnb_ray.corpus import FILE_SHIFT, REPLACED, ROW_ID, open_corpus
+from rnb_ray.corpus_read import read_fragment
 from rnb_ray.errors import RnbError
+from rnb_ray.outputs import atomic_output_dir
 from rnb_ray.regroup.config import RegroupConfig
 from rnb_ray.regroup.regroup import validate
 

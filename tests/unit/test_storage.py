@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rnb_ray import storage
-from rnb_ray.corpus import ROW_ID, atomic_output, check_output_dir, open_corpus, read_fragment
+from rnb_ray.corpus import ROW_ID, open_corpus
+from rnb_ray.corpus_read import read_fragment
 from rnb_ray.errors import RnbError
+from rnb_ray.outputs import atomic_output, check_output_dir
 
 BUCKET = "rnb-unit"
 

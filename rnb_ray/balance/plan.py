@@ -1,10 +1,10 @@
-"""The training corpus of a Balance run: find the files, read the domain column, split, plan the streams.
+"""The training data plan of a Balance run: list the files, read the domain column, split, plan the streams.
 
 Accepted ``--data`` (a local path, or an ``s3://``/``gs://`` URI read through pyarrow's filesystems): an
 ``rnb regroup`` output directory (``domains.json`` + ``data/domain=<id>/*.parquet``,
 the domain taken from the column or from the hive path), or any parquet/jsonl file or directory of them
-with a domain column (``domain_column``). Domain names are the string form of the values, ordered
-numerically when all are integers, else lexicographically.
+with a domain column (``domain_column``); the files are listed by :mod:`rnb_ray.files`. Domain names are the
+string form of the values, ordered numerically when all are integers, else lexicographically.
 
 ``prepare_plan`` runs on the driver before any Ray work: it reads only the domain (and category) columns,
 validates everything a user can get wrong, makes the held-out split, and returns a ``Plan`` — row numbers
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from rnb_ray import storage
+from rnb_ray import files, storage
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.sampler import Chunk, DomainStream
 from rnb_ray.balance.strategies.simple import check_weights
@@ -35,8 +34,7 @@ from rnb_ray.errors import RnbError
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = (".parquet", ".jsonl", ".json")
-_HIVE = re.compile(r"^(?P<key>[^=/]+)=(?P<value>[^/]*)$")
+SUFFIXES = (".parquet", ".jsonl", ".json")  # what --data may hold
 
 
 @dataclass(frozen=True)
@@ -75,56 +73,26 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def list_files(path: str | Path, what: str = "--data") -> list[Path]:
-    p = Path(path)
-    if p.is_file():
-        if p.suffix not in _SUFFIXES:
-            raise RnbError(f"{p} is not a parquet or jsonl file", where=what, fix="give .parquet or .jsonl data")
-        return [p]
-    if not p.is_dir():
-        raise RnbError(f"{p} does not exist", where=what, fix="check the path")
-    root = p / "data" if (p / "domains.json").is_file() and (p / "data").is_dir() else p
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in _SUFFIXES and not f.name.startswith((".", "_")))
-    if not files:
-        raise RnbError(f"no parquet or jsonl files under {root}", where=what,
+def list_data(path: str, what: str = "--data") -> tuple[pafs.FileSystem | None, list[files.ListedFile]]:
+    """The parquet/jsonl files of ``--data``/``--eval-data`` (a local path or a URI): one file, or those under a
+    directory — the ``data/`` of an ``rnb regroup`` output (recognised by its ``domains.json``) —, and the
+    filesystem they are in (None: local)."""
+    loc = files.locate(path, what)
+    if loc.kind == "file":
+        if Path(loc.path).suffix not in SUFFIXES:
+            raise RnbError(f"{loc.shown} is not a parquet or jsonl file", where=what,
+                           fix="give .parquet or .jsonl data")
+        return loc.fs, files.list_files(loc)
+    if loc.kind == "missing":
+        raise RnbError(f"{loc.shown} does not exist", where=what,
+                       fix="check the path" if loc.fs is None else "check the URI")
+    if loc.child("domains.json").kind == "file" and (data := loc.child("data")).kind == "dir":
+        loc = data
+    found = files.list_files(loc, suffixes=SUFFIXES)
+    if not found:
+        raise RnbError(f"no parquet or jsonl files under {loc.shown}", where=what,
                        fix="point --data at an `rnb regroup` output or at parquet/jsonl files")
-    return files
-
-
-def _list_uri(uri: str, what: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, root, files inside it) of an object-store ``--data``/``--eval-data``."""
-    fs, p = storage.resolve(uri, what)
-    shown = storage.strip_query(uri)
-    storage.require_bucket(fs, p, uri, what)
-    fi = storage.info(fs, p, uri, what)
-    if fi.type == pafs.FileType.File:
-        if Path(p).suffix not in _SUFFIXES:
-            raise RnbError(f"{shown} is not a parquet or jsonl file", where=what, fix="give .parquet or .jsonl data")
-        return fs, p.rpartition("/")[0], [p]
-    if fi.type != pafs.FileType.Directory:
-        raise RnbError(f"{shown} does not exist", where=what, fix="check the URI")
-    regrouped = (storage.info(fs, f"{p}/domains.json", uri, what).type == pafs.FileType.File
-                 and storage.info(fs, f"{p}/data", uri, what).type == pafs.FileType.Directory)
-    root = f"{p}/data" if regrouped else p
-    try:
-        infos = storage.list_files(fs, root)
-    except OSError as e:
-        raise RnbError(f"cannot list {shown}: {e}", where=what, fix=storage._CRED_FIX) from e
-    files = [i.path for i in infos if Path(i.path).suffix in _SUFFIXES
-             and not any(part.startswith((".", "_")) for part in storage.relative_parts(root, i.path))]
-    if not files:
-        raise RnbError(f"no parquet or jsonl files under {storage.display_path(fs, root)}", where=what,
-                       fix="point --data at an `rnb regroup` output or at parquet/jsonl files")
-    return fs, root, files
-
-
-def _hive_value(path: Path | str, root: Path | str, column: str, fs: Any = None) -> str | None:
-    parts = Path(path).relative_to(root).parts if fs is None else storage.relative_parts(str(root), str(path))
-    for part in parts[:-1]:
-        m = _HIVE.match(part)
-        if m and m.group("key") == column:
-            return m.group("value")
-    return None
+    return loc.fs, found
 
 
 def _name(value: object) -> str | None:
@@ -148,22 +116,15 @@ def _order(names: set[str]) -> list[str]:
 def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
           ) -> tuple[list[Source], list[list[str | None]], list[list[str | None]]]:
     """Sources and, per source, each row's domain name (and category)."""
-    fs: Any = None
-    if storage.is_uri(path):
-        fs, root_uri, names_in_fs = _list_uri(path, what)
-        files: list[Any] = names_in_fs
-        root: Path | str = root_uri
-    else:
-        files = list_files(path, what)
-        root = Path(path) if Path(path).is_dir() else Path(path).parent
+    fs, found = list_data(path, what)
     sources: list[Source] = []
     doms: list[list[str | None]] = []
     cats: list[list[str | None]] = []
-    for f_path in files:
-        f = f_path if fs is None else storage.display_path(fs, f_path)  # as shown in messages
-        if Path(f_path).suffix == ".parquet":
+    for listed in found:
+        f = listed.shown
+        if Path(listed.path).suffix == ".parquet":
             try:
-                pf = pq.ParquetFile(f_path if fs is None else fs.open_input_file(f_path))
+                pf = pq.ParquetFile(files.pyarrow_source(fs, listed.path, random_access=True))
             except (pa.ArrowInvalid, OSError) as e:
                 raise RnbError(f"cannot read parquet file {f}: {e}", where=what) from e
             names = pf.schema_arrow.names
@@ -171,7 +132,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
             read = lambda cols, rg, pf=pf: pf.read_row_group(rg, columns=cols)  # noqa: E731
         else:
             try:
-                table = pajson.read_json(f_path if fs is None else fs.open_input_stream(f_path))
+                table = pajson.read_json(files.pyarrow_source(fs, listed.path))
             except (pa.ArrowInvalid, OSError) as e:
                 raise RnbError(f"cannot read {f} as JSON lines: {e}", where=what,
                                fix="one JSON object per line") from e
@@ -181,7 +142,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
         if cfg.text_column not in names:
             raise RnbError(f"{f} has no text column {cfg.text_column!r} (columns: {', '.join(names)})",
                            where=what, fix="pass --text-column with the right name")
-        hive = None if cfg.domain_column in names else _hive_value(f_path, root, cfg.domain_column, fs)
+        hive = None if cfg.domain_column in names else files.hive_value(listed, cfg.domain_column)
         if cfg.domain_column not in names and hive is None:
             raise RnbError(f"{f} has no domain column {cfg.domain_column!r} (columns: {', '.join(names)})",
                            where=what, fix="regroup the corpus first (`rnb regroup`), assign domains with "
@@ -193,7 +154,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, need_category: bool
             cols = [c for c in (cfg.domain_column if hive is None else None,
                                 cfg.category_column if need_category else None) if c]
             t = read(cols, rg) if cols else None
-            sources.append(Source(str(f_path), rg, hive, fs))
+            sources.append(Source(listed.path, rg, hive, fs))
             if hive is None:
                 doms.append([_name(v) for v in t.column(cfg.domain_column).to_pylist()])
             else:
@@ -392,12 +353,11 @@ class ChunkReader:
         if src.row_group is not None:
             pf = self._files.get(src.path)
             if pf is None:
-                pf = self._files[src.path] = pq.ParquetFile(
-                    src.path if src.fs is None else src.fs.open_input_file(src.path))
+                pf = self._files[src.path] = pq.ParquetFile(files.pyarrow_source(src.fs, src.path, random_access=True))
             col = pf.read_row_group(src.row_group, columns=[self.text_column]).column(0)
         else:
             if self._jsonl is None or self._jsonl[0] != src.path:
-                raw = pajson.read_json(src.path if src.fs is None else src.fs.open_input_stream(src.path))
+                raw = pajson.read_json(files.pyarrow_source(src.fs, src.path))
                 self._jsonl = (src.path, raw.select([self.text_column]))
             col = self._jsonl[1].column(0)
         values = col.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
