@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from rnb_ray.errors import RnbError
+from rnb_ray.regroup.clustering import SEED_SAMPLE
 
 
 def _help(text: str) -> dict[str, str]:
@@ -63,7 +64,7 @@ class RegroupConfig:
     tol: float = field(default=1e-4, metadata=_help(
         "stop when the squared centroid shift is below tol × mean feature variance (scikit-learn's rule)"))
     seed: int = field(default=0, metadata=_help("random seed (sampling and k-means++)"))
-    seed_sample: int = field(default=20_000, metadata=_help("documents sampled for k-means++ seeding"))
+    seed_sample: int = field(default=SEED_SAMPLE, metadata=_help("documents sampled for k-means++ seeding"))
     cache_dir: str | None = field(default=None, metadata=_help(
         "embedding cache directory (default: <parent of output>/.rnb-cache)"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing non-empty output directory"))
