@@ -193,24 +193,22 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         corpus_hash = settings_hash({"input": corpus, "fingerprint": _fingerprint(Path(corpus))})
     cache_dir = str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else str(run / ".rnb-cache")
 
-    # Every stage's config, typed, before any Ray work (bad settings fail in seconds). The final training's
-    # TrainConfig: --train-config's settings over the pipeline's defaults, then the pipeline's own values.
+    # The sweep's and the final training's configs, typed, before any Ray work (bad settings fail in seconds).
+    # Final training: --train-config's settings over the pipeline's defaults, then the pipeline's own values.
     train_file = _train_file(cfg)
-    train_defaults = {"category_column": domain_column} if domain_column is not None else {}
-    train_owned = {"data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam, "steps": cfg.steps,
-                   "eval_every": cfg.eval_every, "update_every": cfg.update_every, "workers": cfg.workers,
-                   "seed": cfg.seed, "text_column": cfg.text_column}
-    train_cfg = from_dict(TrainConfig, {**train_defaults, **train_file, **train_owned}, source="rnb run",
+    train_settings = {**({"category_column": domain_column} if domain_column is not None else {}), **train_file,
+                      "data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam, "steps": cfg.steps,
+                      "eval_every": cfg.eval_every, "update_every": cfg.update_every, "workers": cfg.workers,
+                      "seed": cfg.seed, "text_column": cfg.text_column}
+    train_cfg = from_dict(TrainConfig, train_settings, source="rnb run",
                           validate=False)  # validated by train(), once its data (the regroup stage's output) exists
     sweep_cfg = SweepConfig(
-        input=corpus, output=str(run / "sweep"), k=tuple(cfg.k), lam=(float(cfg.lam),), strategy=tuple(cfg.sweep_strategy),
-        trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
+        input=corpus, output=str(run / "sweep"), k=tuple(cfg.k), lam=(float(cfg.lam),),
+        strategy=tuple(cfg.sweep_strategy), trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
         grace_steps=min(cfg.sweep_eval_every * 2, cfg.trial_steps), text_column=cfg.text_column,
         domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, train_config=cfg.train_config,
         write_best=False, seed=cfg.seed)
     sweep_cfg.validate()
-    regroup_base = RegroupConfig(output="", input=corpus, text_column=cfg.text_column, domain_column=domain_column,
-                                 model=cfg.model, cache_dir=cache_dir, seed=cfg.seed)
 
     ray_env.connect(address)
 
@@ -224,7 +222,8 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     best_k = int(best["k"])
 
     # regroup at the best k --------------------------------------------------------------------------------
-    regroup_cfg = dataclasses.replace(regroup_base, k=best_k)
+    regroup_cfg = RegroupConfig(output="", input=corpus, k=best_k, text_column=cfg.text_column,
+                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed)
     regroup_settings = {k: getattr(regroup_cfg, k) for k in REGROUP_SETTINGS if getattr(regroup_cfg, k) is not None}
     regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash],
                                 lambda d: regroup(dataclasses.replace(regroup_cfg, output=str(d))))
@@ -232,7 +231,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     # final training -------------------------------------------------------------------------------------------
     from rnb_ray.balance.train import train  # torch: imported when a run gets this far, not by `rnb --help`
 
-    train_hash = stages.stage("train", {**train_defaults, **train_file, **train_owned}, [regroup_hash],
+    train_hash = stages.stage("train", train_settings, [regroup_hash],
                               lambda d: train(dataclasses.replace(train_cfg, output=str(d))))
 
     # report ----------------------------------------------------------------------------------------------------

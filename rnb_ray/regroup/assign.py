@@ -32,7 +32,7 @@ from rnb_ray.corpus import (
     open_corpus,
 )
 from rnb_ray.errors import RnbError
-from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
+from rnb_ray.ray_env import ordered_execution, require_resources, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
 from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS, write_domain_parts
@@ -146,8 +146,6 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
     """
     import ray
     from ray.data import ActorPoolStrategy
-
-    from rnb_ray.ray_env import require_resources
 
     doc, C, corpus, model = validate_assign(domains_json, input, output, text_column=text_column,
                                             overwrite=overwrite)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from rnb_ray.errors import RnbError
 from rnb_ray.regroup.clustering import SEED_SAMPLE
+from rnb_ray.storage import is_uri
 
 
 def _help(text: str) -> dict[str, str]:
@@ -87,8 +88,6 @@ class RegroupConfig:
                            fix="raise --seed-sample")
         if self.representatives < 0:
             raise RnbError(f"representatives must be >= 0, got {self.representatives}")
-        from rnb_ray.storage import is_uri
-
         if is_uri(self.cache_dir):
             raise RnbError(f"cache_dir {self.cache_dir} is a URI; the embedding cache is plain files", where="--cache-dir",
                            fix="pass a local path (one machine) or a shared-filesystem path (a cluster)")
