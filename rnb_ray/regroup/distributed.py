@@ -32,7 +32,7 @@ import pyarrow as pa
 from rnb_ray.errors import RnbError
 from rnb_ray.ray_env import ordered_execution, require_resources
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.clustering import SEED_SAMPLE, KMeansResult, check_settings, fit
+from rnb_ray.regroup.clustering import SEED_SAMPLE, KMeansResult, bottom_rows, check_settings, fit
 from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING, embeddings_array, embeddings_numpy
 
 __all__ = ["KMeansResult", "KMeansShard", "fit_kmeans", "sample_embeddings"]
@@ -64,17 +64,14 @@ def _far_fn(batch: pa.Table, C: np.ndarray, metric: str, m: int) -> pa.Table:
     return _one_row(km.farthest_points(X, ids, C, metric, m))  # type: ignore[arg-type]
 
 
-def _sample_rows(ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    u = km.hash_uniform(ids, seed)
-    keep = np.flatnonzero(u < fraction)
-    return keep, u[keep]
+def _sample_rows(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the rows whose ``hash(row_id, seed)`` is below ``fraction`` (a superset of the sample)."""
+    return np.flatnonzero(km.hash_uniform(ids, seed) < fraction)
 
 
 def _sample_fn(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
     ids, _ = _block_arrays(batch)
-    keep, u = _sample_rows(ids, fraction, seed)
-    out = batch.select([EMB_ROW_ID, EMBEDDING]).take(pa.array(keep))
-    return out.append_column("u", pa.array(u))
+    return batch.select([EMB_ROW_ID, EMBEDDING]).take(pa.array(_sample_rows(ids, fraction, seed)))
 
 
 def _map(ds, fn: Callable, **kwargs: Any):
@@ -82,13 +79,11 @@ def _map(ds, fn: Callable, **kwargs: Any):
         return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=1)
 
 
-def _bottom(tables: list[pa.Table], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with the ``size`` smallest hash values, in row-id order (a uniform sample w/o replacement)."""
+def _bottom(tables: list[pa.Table], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the ``size`` smallest hash values, in row-id order (``clustering.bottom_rows``)."""
     table = pa.concat_tables(tables)
-    u = table.column("u").to_numpy()
     ids = table.column(EMB_ROW_ID).to_numpy()
-    order = np.lexsort((ids, u))[:size]
-    order = order[np.argsort(ids[order])]
+    order = bottom_rows(ids, size, seed)
     return ids[order].astype(np.int64), embeddings_numpy(table.column(EMBEDDING).take(pa.array(order)))
 
 
@@ -117,7 +112,7 @@ def sample_embeddings(ds, size: int, seed: int, n: int | None = None) -> tuple[n
         if got >= min(size, n) or fraction >= 1.0:
             break
         fraction = 1.0  # unlucky draw (tiny samples only): take everything
-    return _bottom(parts, size)
+    return _bottom(parts, size, seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,11 +181,10 @@ class KMeansShard:
         return len(self.ids)
 
     def sample(self, fraction: float, seed: int) -> pa.Table:
-        keep, u = _sample_rows(self.ids, fraction, seed)
+        keep = _sample_rows(self.ids, fraction, seed)
         if not len(keep):
-            return pa.table({EMB_ROW_ID: pa.array([], pa.int64()), "u": pa.array([], pa.float64())})
-        return pa.table({EMB_ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep]),
-                         "u": pa.array(u)})
+            return pa.table({EMB_ROW_ID: pa.array([], pa.int64())})
+        return pa.table({EMB_ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep])})
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial | None:
         total = None
@@ -236,7 +230,7 @@ class _ActorBackend:
         tables = [t for t in ray.get([a.sample.remote(fraction, seed) for a in self.actors]) if t.num_rows]
         if sum(t.num_rows for t in tables) < min(size, self.n) and fraction < 1.0:
             tables = [t for t in ray.get([a.sample.remote(1.0, seed) for a in self.actors]) if t.num_rows]
-        return _bottom(tables, size)
+        return _bottom(tables, size, seed)
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
         import ray
