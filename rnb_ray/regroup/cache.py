@@ -242,7 +242,8 @@ class CacheLookup:
             run = ids[files == f]
             lo, hi = int(run.min()), int(run.max())
             for i in np.flatnonzero((self.mins <= hi) & (self.maxs >= lo)):
-                tables.append(pq.read_table(os.path.join(self.directory, self.files[i]), columns=[EMB_ROW_ID, EMBEDDING],
+                tables.append(pq.read_table(os.path.join(self.directory, self.files[i]),
+                                            columns=[EMB_ROW_ID, EMBEDDING],
                                             filters=[(EMB_ROW_ID, ">=", lo), (EMB_ROW_ID, "<=", hi)]))
         if not tables:
             return found, np.zeros((0, 0), np.float32)

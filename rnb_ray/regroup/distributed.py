@@ -1,9 +1,9 @@
 """k-means over a Ray Dataset of embeddings: the driver only ever holds k × d numbers.
 
-The fit itself (seeding, the Lloyd loop) is ``clustering.fit``, the same one ``clustering.fit_array`` runs in
-one process; this module provides the two Ray backends it runs on. Each Lloyd step asks every part of the data for per-centroid sums and counts against the broadcast
-centroids (``kmeans.partial_step``) and adds the k × d results up; the driver divides. Two engines run
-the parts:
+The fit itself (seeding, the Lloyd loop) is ``clustering.fit``, the same one ``clustering.fit_array`` runs
+in one process; this module provides the two Ray backends it runs on. Each Lloyd step asks every part of
+the data for per-centroid sums and counts against the broadcast centroids (``kmeans.partial_step``) and
+adds the k × d results up; the driver divides. Two engines run the parts:
 
 * ``actors`` (default): the dataset is split, in block order, over ``KMeansShard`` actors that keep
   their shard in memory for the whole fit (as Spark MLlib caches an RDD); a step is one method call
