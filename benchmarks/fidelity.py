@@ -214,21 +214,17 @@ def split_heldout(data: Path, out: Path, per_category: int, seed: int) -> tuple[
 
 
 def silhouette_of(regroup_out: Path, embeddings: Path, sample: int = 4000, seed: int = 0) -> float:
-    """Cosine silhouette of a sample of the training embeddings under nearest-centroid labels."""
+    """Cosine silhouette of a sample of the training embeddings under nearest-centroid labels: the library's
+    (``regroup.clustering.silhouette_array``, as ``rnb sweep`` scores each k), on the embedding cache."""
     import numpy as np
     import pyarrow.parquet as pq
-    from sklearn.metrics import silhouette_score
+
+    from rnb_ray.regroup.clustering import silhouette_array
+    from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING, embeddings_numpy
 
     table = pq.read_table(sorted(Path(embeddings).glob("*.parquet")) or embeddings)
-    x = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    x = x[rng.choice(len(x), size=min(sample, len(x)), replace=False)]
-    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
-    c = np.load(regroup_out / "centroids.npy")
-    labels = np.argmax(x @ (c / (np.linalg.norm(c, axis=1, keepdims=True) + 1e-12)).T, axis=1)
-    if len(set(labels.tolist())) < 2:
-        return float("nan")
-    return float(silhouette_score(x, labels, metric="cosine"))
+    return silhouette_array(embeddings_numpy(table.column(EMBEDDING)), np.load(regroup_out / "centroids.npy"),
+                            metric="cosine", sample_size=sample, seed=seed, row_ids=table.column(EMB_ROW_ID).to_numpy())
 
 
 def regroup_corpus(train: Path, val: Path, work: Path, ks: list[int], seed: int) -> dict[str, Any]:

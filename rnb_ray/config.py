@@ -4,6 +4,9 @@ Each stage has one config dataclass (``RegroupConfig`` in ``regroup/config.py``,
 ``balance/config.py``, ``SweepConfig`` in ``sweep/config.py``). This module holds the shared machinery:
 
 * ``load_config(cls, path, overrides)`` — file values, then overrides, then ``validate()``;
+* ``read_settings(cls, path)`` / ``from_dict(cls, data, validate=False)`` — a partial settings file (a
+  sweep's or pipeline's ``--train-config``) as a typed base config that a stage completes with
+  ``dataclasses.replace`` and validates once;
 * ``save_config(cfg, path)`` — JSON, written next to every output;
 * ``add_config_args(parser, cls)`` / ``overrides_from_args(args, cls)`` — one ``--flag`` per field, so
   the CLI, the Ray jobs and the config files all speak the same names (torchtitan style).
@@ -88,8 +91,7 @@ def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
         ) from e
 
 
-def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Build a config from a plain dict; unknown keys are an error (typos must not be silent)."""
+def _check_names(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -98,33 +100,53 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
             where=source,
             fix=f"valid settings are: {', '.join(types_)}",
         )
+    return types_
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "config", *, validate: bool = True) -> C:
+    """Build a config from a plain dict; unknown keys are an error (typos must not be silent).
+
+    Values are converted to the fields' types. ``validate=False`` builds a *base* config that a stage
+    completes with ``dataclasses.replace`` and validates once, complete (``cfg.validate()``).
+    """
+    types_ = _check_names(cls, data, source)
     kwargs = {k: _coerce(k, types_[k], v, source) for k, v in data.items()}
     try:
         cfg = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise RnbError(f"incomplete {cls.__name__}: {e}", where=source) from e
-    validate = getattr(cfg, "validate", None)
-    if validate is not None:
-        validate()
+    check = getattr(cfg, "validate", None)
+    if validate and check is not None:
+        check()
     return cfg
+
+
+def read_settings(cls: type, path: str | Path, *, where: str | None = None) -> dict[str, Any]:
+    """The settings in a YAML or JSON file, as written; names are checked against ``cls``, values are not.
+
+    ``where`` names the flag that gave the file, for the error messages.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RnbError(f"config file {p} does not exist", where=where, fix=f"check the {where or '--config'} path")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise RnbError(f"config file {p} is not valid YAML/JSON: {e}", where=where) from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise RnbError(f"config file {p} must hold a mapping of {cls.__name__} settings, not "
+                       f"{type(loaded).__name__}", where=where)
+    _check_names(cls, loaded, str(p))
+    return loaded
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
     """File values (YAML or JSON), then ``overrides`` (e.g. CLI flags), then validation."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RnbError(f"config file {p} does not exist", fix="check the --config path")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise RnbError(f"config file {p} is not valid YAML/JSON: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise RnbError(f"config file {p} must hold a mapping of settings, not {type(loaded).__name__}")
-        data.update(loaded)
+        data.update(read_settings(cls, path))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, data, source=str(path) if path else "command line")
 

@@ -29,11 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rnb_ray import atomic
-from rnb_ray.config import to_dict
+from rnb_ray import atomic, ray_env
+from rnb_ray.balance.config import TrainConfig
+from rnb_ray.config import from_dict, read_settings, to_dict
 from rnb_ray.errors import RnbError
+from rnb_ray.regroup.config import RegroupConfig
+from rnb_ray.regroup.regroup import regroup
+from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
+from rnb_ray.storage import refuse_uris
+from rnb_ray.sweep.config import SweepConfig
+from rnb_ray.sweep.tune import run_sweep
 
 SAMPLE_DOMAIN_COLUMN = "source"
+REGROUP_SETTINGS = ("input", "k", "text_column", "domain_column", "model", "cache_dir", "seed")  # hashed
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,6 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.output:
             raise RnbError("no run directory given", where="--output", fix="pass --output runs/NAME")
-        from rnb_ray.storage import refuse_uris
-
         refuse_uris("rnb run", {"--input": self.input, "--output": self.output})
         if self.input is not None and not Path(self.input).exists():
             raise RnbError(f"input corpus {self.input} does not exist", where="--input",
@@ -147,23 +153,20 @@ class _Stages:
         return h
 
 
-def _train_base(cfg: PipelineConfig) -> dict[str, Any]:
+def _train_file(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``--train-config`` settings as written ({} without one): hashed into the sweep and train stages."""
     if cfg.train_config is None:
         return {}
-    import yaml
-
-    data = yaml.safe_load(Path(cfg.train_config).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise RnbError(f"{cfg.train_config} must hold a mapping of TrainConfig settings", where="--train-config")
-    return data
+    return read_settings(TrainConfig, cfg.train_config, where="--train-config")
 
 
 def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage into ``cfg.output``; return the pipeline summary (pipeline.json)."""
-    from rnb_ray.config import from_dict
-    from rnb_ray.sweep.config import SweepConfig
+    """Run (or resume) every stage into ``cfg.output``; return the pipeline summary (pipeline.json).
 
+    Each stage gets its typed config (``SweepConfig``, ``RegroupConfig``, ``TrainConfig``); a stage's hash is
+    over the settings the pipeline gives it (``--train-config``'s as written), relative to RUN.
+    """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.validate()
     run = Path(cfg.output).absolute()
@@ -180,8 +183,6 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     # corpus -------------------------------------------------------------------------------------------
     domain_column = cfg.domain_column
     if cfg.input is None:
-        from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
-
         corpus_hash = stages.stage(
             "corpus", {"modules": list(SAMPLE_MODULES), "python": sys.version.split()[0]}, [],
             lambda d: write_sample_corpus(d / "sample.parquet"))  # atomic: tmp file, then rename
@@ -191,26 +192,29 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         corpus = str(Path(cfg.input).absolute())
         corpus_hash = settings_hash({"input": corpus, "fingerprint": _fingerprint(Path(corpus))})
     cache_dir = str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else str(run / ".rnb-cache")
-    train_base = _train_base(cfg)
 
-    # Validate every downstream config before any Ray work (bad settings fail in seconds).
-    sweep_cfg = from_dict(SweepConfig, {
-        "input": corpus, "output": str(run / "sweep"), "k": list(cfg.k), "lam": [cfg.lam],
-        "strategy": list(cfg.sweep_strategy), "trial_steps": cfg.trial_steps, "eval_every": cfg.sweep_eval_every,
-        "grace_steps": min(cfg.sweep_eval_every * 2, cfg.trial_steps), "text_column": cfg.text_column,
-        "domain_column": domain_column, "model": cfg.model, "cache_dir": cache_dir,
-        "train_config": cfg.train_config, "write_best": False, "seed": cfg.seed,
-    }, source="rnb run")
-
-    from rnb_ray import ray_env
+    # The sweep's and the final training's configs, typed, before any Ray work (bad settings fail in seconds).
+    # Final training: --train-config's settings over the pipeline's defaults, then the pipeline's own values.
+    train_file = _train_file(cfg)
+    train_settings = {**({"category_column": domain_column} if domain_column is not None else {}), **train_file,
+                      "data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam, "steps": cfg.steps,
+                      "eval_every": cfg.eval_every, "update_every": cfg.update_every, "workers": cfg.workers,
+                      "seed": cfg.seed, "text_column": cfg.text_column}
+    train_cfg = from_dict(TrainConfig, train_settings, source="rnb run",
+                          validate=False)  # validated by train(), once its data (the regroup stage's output) exists
+    sweep_cfg = SweepConfig(
+        input=corpus, output=str(run / "sweep"), k=tuple(cfg.k), lam=(float(cfg.lam),),
+        strategy=tuple(cfg.sweep_strategy), trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
+        grace_steps=min(cfg.sweep_eval_every * 2, cfg.trial_steps), text_column=cfg.text_column,
+        domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, train_config=cfg.train_config,
+        write_best=False, seed=cfg.seed)
+    sweep_cfg.validate()
 
     ray_env.connect(address)
 
     # sweep ----------------------------------------------------------------------------------------------
-    from rnb_ray.sweep.tune import run_sweep
-
     sweep_settings = {k: v for k, v in to_dict(sweep_cfg).items() if k not in ("output", "resume")}
-    sweep_settings["train_config"] = train_base  # the content, not the file name
+    sweep_settings["train_config"] = train_file  # the content, not the file name
     sweep_hash = stages.stage("sweep", sweep_settings, [corpus_hash],
                               lambda d: run_sweep(dataclasses.replace(sweep_cfg, output=str(d)), log=log),
                               resumable=True)
@@ -218,34 +222,17 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     best_k = int(best["k"])
 
     # regroup at the best k --------------------------------------------------------------------------------
-    from rnb_ray.regroup.config import RegroupConfig
-    from rnb_ray.regroup.regroup import regroup
-
-    regroup_fields = {f.name for f in dataclasses.fields(RegroupConfig)}
-    regroup_settings = {k: v for k, v in {
-        "input": corpus, "k": best_k, "text_column": cfg.text_column, "domain_column": domain_column,
-        "model": cfg.model, "cache_dir": cache_dir, "seed": cfg.seed,
-    }.items() if k in regroup_fields and v is not None}
-
-    def do_regroup(d: Path) -> None:
-        regroup(from_dict(RegroupConfig, {**regroup_settings, "output": str(d)}, source="rnb run"))
-
-    regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash], do_regroup)
+    regroup_cfg = RegroupConfig(output="", input=corpus, k=best_k, text_column=cfg.text_column,
+                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed)
+    regroup_settings = {k: getattr(regroup_cfg, k) for k in REGROUP_SETTINGS if getattr(regroup_cfg, k) is not None}
+    regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash],
+                                lambda d: regroup(dataclasses.replace(regroup_cfg, output=str(d))))
 
     # final training -------------------------------------------------------------------------------------------
-    from rnb_ray.balance.config import TrainConfig
-    from rnb_ray.balance.train import train
+    from rnb_ray.balance.train import train  # torch: imported when a run gets this far, not by `rnb --help`
 
-    train_settings = {**train_base, "data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam,
-                      "steps": cfg.steps, "eval_every": cfg.eval_every, "update_every": cfg.update_every,
-                      "workers": cfg.workers, "seed": cfg.seed, "text_column": cfg.text_column}
-    if domain_column is not None:
-        train_settings.setdefault("category_column", domain_column)
-
-    def do_train(d: Path) -> None:
-        train(from_dict(TrainConfig, {**train_settings, "output": str(d)}, source="rnb run"))
-
-    train_hash = stages.stage("train", train_settings, [regroup_hash], do_train)
+    train_hash = stages.stage("train", train_settings, [regroup_hash],
+                              lambda d: train(dataclasses.replace(train_cfg, output=str(d))))
 
     # report ----------------------------------------------------------------------------------------------------
     summary: dict[str, Any] = {
@@ -253,13 +240,9 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         "seconds_total": None,
     }
     atomic.write_json(run / "pipeline.json", summary)  # the report reads stage timings from it
+    from rnb_ray.report.html import write_report  # matplotlib: as for train
 
-    def do_report(d: Path) -> None:
-        from rnb_ray.report.html import write_report
-
-        write_report(run, d)
-
-    stages.stage("report", {"version": 1}, [train_hash, sweep_hash], do_report)
+    stages.stage("report", {"version": 1}, [train_hash, sweep_hash], lambda d: write_report(run, d))
     summary["stages"] = stages.record
     summary["seconds_total"] = time.perf_counter() - t_start
     atomic.write_json(run / "pipeline.json", summary)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from rnb_ray.errors import RnbError
+from rnb_ray.regroup.clustering import SEED_SAMPLE
+from rnb_ray.storage import is_uri
 
 
 def _help(text: str) -> dict[str, str]:
@@ -63,7 +65,7 @@ class RegroupConfig:
     tol: float = field(default=1e-4, metadata=_help(
         "stop when the squared centroid shift is below tol × mean feature variance (scikit-learn's rule)"))
     seed: int = field(default=0, metadata=_help("random seed (sampling and k-means++)"))
-    seed_sample: int = field(default=20_000, metadata=_help("documents sampled for k-means++ seeding"))
+    seed_sample: int = field(default=SEED_SAMPLE, metadata=_help("documents sampled for k-means++ seeding"))
     cache_dir: str | None = field(default=None, metadata=_help(
         "embedding cache directory (default: <parent of output>/.rnb-cache)"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing non-empty output directory"))
@@ -86,8 +88,6 @@ class RegroupConfig:
                            fix="raise --seed-sample")
         if self.representatives < 0:
             raise RnbError(f"representatives must be >= 0, got {self.representatives}")
-        from rnb_ray.storage import is_uri
-
         if is_uri(self.cache_dir):
             raise RnbError(f"cache_dir {self.cache_dir} is a URI; the embedding cache is plain files", where="--cache-dir",
                            fix="pass a local path (one machine) or a shared-filesystem path (a cluster)")

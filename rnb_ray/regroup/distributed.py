@@ -1,8 +1,9 @@
 """k-means over a Ray Dataset of embeddings: the driver only ever holds k × d numbers.
 
-Each Lloyd step asks every part of the data for per-centroid sums and counts against the broadcast
-centroids (``kmeans.partial_step``) and adds the k × d results up; the driver divides. Two engines run
-the parts:
+The fit itself (seeding, the Lloyd loop) is ``clustering.fit``, the same one ``clustering.fit_array`` runs
+in one process; this module provides the two Ray backends it runs on. Each Lloyd step asks every part of
+the data for per-centroid sums and counts against the broadcast centroids (``kmeans.partial_step``) and
+adds the k × d results up; the driver divides. Two engines run the parts:
 
 * ``actors`` (default): the dataset is split, in block order, over ``KMeansShard`` actors that keep
   their shard in memory for the whole fit (as Spark MLlib caches an RDD); a step is one method call
@@ -21,47 +22,24 @@ The dataset needs the columns ``row_id`` (int64) and ``embedding`` (fixed_size_l
 """
 from __future__ import annotations
 
-import logging
 import pickle
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from rnb_ray.errors import RnbError
-from rnb_ray.ray_env import ordered_execution
+from rnb_ray.ray_env import ordered_execution, require_resources
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.embed import EMBEDDING, embeddings_numpy
+from rnb_ray.regroup.clustering import SEED_SAMPLE, KMeansResult, bottom_rows, check_settings, fit
+from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING, embeddings_array, embeddings_numpy
 
-log = logging.getLogger(__name__)
-
-ROW_ID = "row_id"
-
-
-@dataclass
-class KMeansResult:
-    """A fitted clustering. ``centroids`` are float32 (k, d), unit length for metric=cosine."""
-
-    centroids: np.ndarray
-    inertia: float
-    iterations: int
-    converged: bool
-    sizes: np.ndarray  # (k,) int64 documents per cluster under ``centroids``
-    metric: str = "cosine"
-    n: int = 0
-    reseeded: int = 0  # empty clusters re-seeded over the run
-    history: list[dict[str, float]] = field(default_factory=list)  # per iteration: inertia, shift, seconds
-
-    @property
-    def k(self) -> int:
-        return int(self.centroids.shape[0])
+__all__ = ["KMeansResult", "KMeansShard", "fit_kmeans", "sample_embeddings"]
 
 
 def _block_arrays(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    return (np.asarray(batch.column(ROW_ID).to_numpy(), dtype=np.int64), embeddings_numpy(batch.column(EMBEDDING)))
+    return (np.asarray(batch.column(EMB_ROW_ID).to_numpy(), dtype=np.int64), embeddings_numpy(batch.column(EMBEDDING)))
 
 
 def _one_row(obj: Any) -> pa.Table:
@@ -86,17 +64,14 @@ def _far_fn(batch: pa.Table, C: np.ndarray, metric: str, m: int) -> pa.Table:
     return _one_row(km.farthest_points(X, ids, C, metric, m))  # type: ignore[arg-type]
 
 
-def _sample_rows(ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    u = km.hash_uniform(ids, seed)
-    keep = np.flatnonzero(u < fraction)
-    return keep, u[keep]
+def _sample_rows(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the rows whose ``hash(row_id, seed)`` is below ``fraction`` (a superset of the sample)."""
+    return np.flatnonzero(km.hash_uniform(ids, seed) < fraction)
 
 
 def _sample_fn(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
     ids, _ = _block_arrays(batch)
-    keep, u = _sample_rows(ids, fraction, seed)
-    out = batch.select([ROW_ID, EMBEDDING]).take(pa.array(keep))
-    return out.append_column("u", pa.array(u))
+    return batch.select([EMB_ROW_ID, EMBEDDING]).take(pa.array(_sample_rows(ids, fraction, seed)))
 
 
 def _map(ds, fn: Callable, **kwargs: Any):
@@ -104,13 +79,11 @@ def _map(ds, fn: Callable, **kwargs: Any):
         return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=1)
 
 
-def _bottom(tables: list[pa.Table], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with the ``size`` smallest hash values, in row-id order (a uniform sample w/o replacement)."""
+def _bottom(tables: list[pa.Table], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the ``size`` smallest hash values, in row-id order (``clustering.bottom_rows``)."""
     table = pa.concat_tables(tables)
-    u = table.column("u").to_numpy()
-    ids = table.column(ROW_ID).to_numpy()
-    order = np.lexsort((ids, u))[:size]
-    order = order[np.argsort(ids[order])]
+    ids = table.column(EMB_ROW_ID).to_numpy()
+    order = bottom_rows(ids, size, seed)
     return ids[order].astype(np.int64), embeddings_numpy(table.column(EMBEDDING).take(pa.array(order)))
 
 
@@ -139,11 +112,11 @@ def sample_embeddings(ds, size: int, seed: int, n: int | None = None) -> tuple[n
         if got >= min(size, n) or fraction >= 1.0:
             break
         fraction = 1.0  # unlucky draw (tiny samples only): take everything
-    return _bottom(parts, size)
+    return _bottom(parts, size, seed)
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: where the per-block work runs.
+# Backends (``clustering.Backend``): where the per-block work runs.
 
 
 class _DataBackend:
@@ -156,7 +129,7 @@ class _DataBackend:
     def __init__(self, ds, materialize: bool = True):
         import ray
 
-        ds = ds.select_columns([ROW_ID, EMBEDDING])
+        ds = ds.select_columns([EMB_ROW_ID, EMBEDDING])
         if materialize:
             with ordered_execution(quiet=True):
                 ds = ds.materialize()
@@ -208,13 +181,10 @@ class KMeansShard:
         return len(self.ids)
 
     def sample(self, fraction: float, seed: int) -> pa.Table:
-        keep, u = _sample_rows(self.ids, fraction, seed)
-        from rnb_ray.regroup.embed import embeddings_array
-
+        keep = _sample_rows(self.ids, fraction, seed)
         if not len(keep):
-            return pa.table({ROW_ID: pa.array([], pa.int64()), "u": pa.array([], pa.float64())})
-        return pa.table({ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep]),
-                         "u": pa.array(u)})
+            return pa.table({EMB_ROW_ID: pa.array([], pa.int64())})
+        return pa.table({EMB_ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep])})
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial | None:
         total = None
@@ -237,11 +207,9 @@ class _ActorBackend:
     def __init__(self, ds, num_shards: int | None):
         import ray
 
-        from rnb_ray.ray_env import require_resources
-
         cpus = int(ray.cluster_resources().get("CPU", 1))
         with ordered_execution(quiet=True):
-            mat = ds.select_columns([ROW_ID, EMBEDDING]).materialize()
+            mat = ds.select_columns([EMB_ROW_ID, EMBEDDING]).materialize()
             n = mat.count()
             if num_shards is None:
                 num_shards = max(1, min(cpus, n // 2_000 or 1))  # tiny data: fewer actors to start
@@ -262,7 +230,7 @@ class _ActorBackend:
         tables = [t for t in ray.get([a.sample.remote(fraction, seed) for a in self.actors]) if t.num_rows]
         if sum(t.num_rows for t in tables) < min(size, self.n) and fraction < 1.0:
             tables = [t for t in ray.get([a.sample.remote(1.0, seed) for a in self.actors]) if t.num_rows]
-        return _bottom(tables, size)
+        return _bottom(tables, size, seed)
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
         import ray
@@ -292,9 +260,12 @@ class _ActorBackend:
 
 
 def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100, tol: float = 1e-4,
-               sample_size: int = 20_000, init: np.ndarray | None = None, engine: str = "actors",
+               sample_size: int = SEED_SAMPLE, init: np.ndarray | None = None, engine: str = "actors",
                num_shards: int | None = None, verbose: bool = True) -> KMeansResult:
     """Distributed k-means (k-means++ seeding on a sample, then exact Lloyd) over a Ray Dataset.
+
+    The fit is ``clustering.fit`` (the same seeding and Lloyd loop as ``clustering.fit_array`` in one process),
+    with the per-row work on Ray.
 
     Args:
         ds: Ray Dataset with ``row_id`` (int64) and ``embedding`` (fixed_size_list<float32>) columns,
@@ -318,67 +289,15 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
         KMeansResult with float32 centroids, inertia and sizes under those centroids, iterations,
         whether it converged within ``max_iter``, and the per-iteration history.
     """
-    if metric not in km.METRICS:
-        raise RnbError(f"unknown metric {metric!r}", fix=f"use one of {', '.join(km.METRICS)}")
-    if k < 1:
-        raise RnbError(f"k must be at least 1, got {k}", fix="pass --k 2 or more")
+    check_settings(k, metric)
     if engine not in ("actors", "data"):
         raise RnbError(f"unknown k-means engine {engine!r}", fix="use 'actors' or 'data'")
     backend: _ActorBackend | _DataBackend = _ActorBackend(ds, num_shards) if engine == "actors" \
         else _DataBackend(ds)
     try:
-        return _lloyd(backend, k, metric, seed, max_iter, tol, sample_size, init, verbose)
+        res = fit(backend, k, metric=metric, seed=seed, max_iter=max_iter, tol=tol, sample_size=sample_size,
+                  init=init, verbose=verbose)
     finally:
         backend.close()
-
-
-def _lloyd(backend: _ActorBackend | _DataBackend, k: int, metric: str, seed: int, max_iter: int, tol: float,
-           sample_size: int, init: np.ndarray | None, verbose: bool) -> KMeansResult:
-    n = backend.n
-    if k > n:
-        raise RnbError(f"k={k} is greater than the number of non-empty documents ({n})",
-                       fix=f"pass --k {max(1, n)} or less, or add documents")
-    if init is not None:
-        C = np.asarray(init, dtype=np.float64)
-        if C.ndim != 2 or C.shape[0] != k:
-            raise RnbError(f"init centroids have shape {C.shape}, expected ({k}, d)")
-    else:
-        _, S = backend.sample(max(sample_size, k), seed)
-        C = km.kmeans_plus_plus(S, k, metric, np.random.default_rng(seed))  # type: ignore[arg-type]
-        del S
-    if metric == "cosine":
-        C = km.normalize_rows(C)
-
-    history: list[dict[str, float]] = []
-    tol_abs: float | None = None
-    converged = False
-    reseeded = 0
-    last: km.Partial | None = None
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the iteration count after the loop
-        t_iter = time.perf_counter()
-        total = backend.partial(C, metric, tol_abs is None)
-        if tol_abs is None:
-            assert total.moments is not None
-            tol_abs = km.tolerance(tol, total.moments, total.n)
-        sums, counts = total.sums, total.counts
-        n_empty = int((counts == 0).sum())
-        if n_empty:
-            sums, counts, moved = km.reseed_empty(sums, counts, backend.far(C, metric, n_empty))
-            reseeded += moved
-        C_new = km.finalize_centroids(sums, counts, C, metric)  # type: ignore[arg-type]
-        shift = float(((C_new - C) ** 2).sum())
-        history.append({"iteration": it, "inertia": total.inertia, "shift": shift,
-                        "seconds": time.perf_counter() - t_iter})
-        if verbose:
-            log.info("k-means iteration %d: inertia=%.6g shift=%.3g (tol %.3g)%s", it, total.inertia, shift,
-                     tol_abs, f", re-seeded {n_empty} empty cluster(s)" if n_empty else "")
-        C, last = C_new, total
-        if shift <= tol_abs:
-            converged = True
-            break
-    assert last is not None
-    if not (converged and history[-1]["shift"] == 0.0):
-        last = backend.partial(C, metric, False)  # sizes and inertia under the final centroids
-    return KMeansResult(C.astype(np.float32), float(last.inertia), it, converged, last.counts.astype(np.int64),
-                        metric, n, reseeded, history)
+    res.centroids = res.centroids.astype(np.float32)
+    return res

@@ -24,8 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from rnb_ray.errors import RnbError
+from rnb_ray.regroup.config import default_model_path
 
 EMBEDDING = "embedding"
+# The corpus row an embedding belongs to (``corpus.ROW_ID``'s value: file index · 2^40 + row in file), as the
+# embedding cache and ``EmbeddingSet.dataset()`` name it, beside ``EMBEDDING``.
+EMB_ROW_ID = "row_id"
 EMPTY = "__rnb_empty"
 
 
@@ -51,8 +55,6 @@ class ModelRef:
 def resolve_model(model: str | None) -> ModelRef:
     """Local path, cached Hugging Face name, or the bundled default; RnbError if none applies."""
     if model is None:
-        from rnb_ray.regroup.config import default_model_path
-
         path = default_model_path()
         return ModelRef("all-MiniLM-L6-v2", str(path))
     p = Path(model).expanduser()

@@ -1,8 +1,8 @@
 """Pure k-means math: seeding, assignment, per-block partial sums, the centroid update, silhouette.
 
-No Ray and no IO here: ``distributed.py`` runs these functions on blocks of a Ray Dataset and only
-combines their k × d results. ``lloyd`` is the same algorithm on one in-memory array (the reference the
-distributed version is tested against, alongside scikit-learn).
+No Ray and no IO here: ``clustering.py`` composes these steps into one fit (seeding, then the Lloyd loop)
+that runs on an in-memory array or, through ``distributed.py``, on blocks of a Ray Dataset whose k × d
+results it combines.
 
 Metrics (the paper's Regroup step clusters sentence embeddings; both are offered):
 
@@ -212,47 +212,6 @@ def hash_uniform(row_ids: np.ndarray, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-# --------------------------------------------------------------------------------------------------
-# In-memory reference.
-
-
-@dataclass
-class LloydResult:
-    centroids: np.ndarray
-    labels: np.ndarray
-    inertia: float
-    iterations: int
-    converged: bool
-
-
-def lloyd(X: np.ndarray, init: np.ndarray, metric: Metric, max_iter: int = 300, tol: float = 1e-4) -> LloydResult:
-    """Lloyd's algorithm on one array, with the same steps the distributed version runs per block."""
-    C = init.astype(np.float64)
-    if metric == "cosine":
-        C = normalize_rows(C)
-    row_ids = np.arange(len(X), dtype=np.int64)
-    converged = False
-    it = 0
-    tol_abs = None
-    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the iteration count after the loop
-        p = partial_step(X, C, metric, with_moments=tol_abs is None)
-        if tol_abs is None:
-            assert p.moments is not None
-            tol_abs = tolerance(tol, p.moments, p.n)
-        sums, counts = p.sums, p.counts
-        if (counts == 0).any():
-            far = farthest_points(X, row_ids, C, metric, int((counts == 0).sum()))
-            sums, counts, _ = reseed_empty(sums, counts, far)
-        C_new = finalize_centroids(sums, counts, C, metric)
-        shift = float(((C_new - C) ** 2).sum())
-        C = C_new
-        if shift <= tol_abs:
-            converged = True
-            break
-    labels, dist = assign(X, C, metric)
-    return LloydResult(C, labels, float(dist.sum()), it, converged)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Silhouette score of a clustering, on a deterministic sample of a Ray Dataset of embeddings.
 
 Like ``sklearn.metrics.silhouette_score(..., sample_size=)``: the silhouette of a sample among itself.
-Labels are the nearest centroid. The sample (bounded by ``sample_size``) is put in the object store once
-and Ray tasks score row chunks of it in parallel; the math is ``kmeans.silhouette_samples``.
-The paper (§3, Algorithm 2) uses silhouette to pick k; ``rnb sweep`` calls this per candidate k.
+Labels are the nearest centroid. The score is ``clustering.silhouette_of_sample`` — the one the sweep computes
+per candidate k on its in-memory embeddings (``clustering.silhouette_array``); here the sample (bounded by
+``sample_size``) comes from a Dataset, is put in the object store once, and Ray tasks score row chunks of it
+in parallel.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.distributed import KMeansResult, sample_embeddings
+from rnb_ray.regroup.clustering import SILHOUETTE_SALT, KMeansResult, silhouette_of_sample
+from rnb_ray.regroup.distributed import sample_embeddings
+from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING
 
 _CHUNK = 512
 
@@ -25,7 +28,8 @@ def silhouette_score(ds, centroids: np.ndarray | KMeansResult, *, metric: str = 
         centroids: (k, d) centroids, or a ``KMeansResult`` (its centroids and metric are used).
         metric: distance for assignment and silhouette: ``"cosine"`` or ``"euclidean"``.
         sample_size: rows scored; cost is sample_size² × d.
-        seed: selects the sample (rows with the smallest ``hash(row_id, seed)``).
+        seed: selects the sample (rows with the smallest ``hash(row_id, seed + SILHOUETTE_SALT)``), as
+            ``clustering.silhouette_array`` does.
 
     Returns:
         The score in [-1, 1]; NaN when the sample falls in fewer than two clusters (undefined).
@@ -35,21 +39,15 @@ def silhouette_score(ds, centroids: np.ndarray | KMeansResult, *, metric: str = 
     if isinstance(centroids, KMeansResult):
         metric = centroids.metric
         centroids = centroids.centroids
-    C = np.asarray(centroids, dtype=np.float64)
-    _, X = sample_embeddings(ds.select_columns(["row_id", "embedding"]), sample_size, seed + 7919)
-    if len(X) < 2:
-        return float("nan")
-    labels, _ = km.assign(X, C, metric)  # type: ignore[arg-type]
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    # compact label ids so the per-cluster sums only span clusters present in the sample
-    _, labels = np.unique(labels, return_inverse=True)
-    ref = ray.put((X, labels))
+    _, X = sample_embeddings(ds.select_columns([EMB_ROW_ID, EMBEDDING]), sample_size, seed + SILHOUETTE_SALT)
 
     @ray.remote(num_cpus=1)
-    def score(data: tuple[np.ndarray, np.ndarray], start: int) -> np.ndarray:
+    def score_chunk(data: tuple[np.ndarray, np.ndarray], start: int) -> np.ndarray:
         Xs, ls = data
         return km.silhouette_samples(Xs, ls, metric, slice(start, start + _CHUNK))  # type: ignore[arg-type]
 
-    parts = ray.get([score.remote(ref, s) for s in range(0, len(X), _CHUNK)])
-    return float(np.concatenate(parts).mean())
+    def score(S: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        ref = ray.put((S, labels))
+        return np.concatenate(ray.get([score_chunk.remote(ref, s) for s in range(0, len(S), _CHUNK)]))
+
+    return silhouette_of_sample(X, centroids, metric, score)

@@ -25,6 +25,7 @@ from rnb_ray.config import load_config
 from rnb_ray.errors import RnbError
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.assign import assign
+from rnb_ray.regroup.clustering import fit_array
 from rnb_ray.regroup.config import RegroupConfig
 from rnb_ray.regroup.distributed import fit_kmeans
 from rnb_ray.regroup.embed import embeddings_numpy
@@ -180,7 +181,7 @@ def test_distributed_lloyd_matches_sklearn(regrouped, ray_session, tmp_path):
     assert ours_far.inertia == pytest.approx(ref_far.inertia_, rel=1e-4)
     # cosine (spherical) k-means against the in-memory reference, and seeded runs are reproducible
     cos = fit_kmeans(emb.dataset(), 5, metric="cosine", init=init[:5], max_iter=300, tol=0.0, num_shards=2)
-    ref_cos = km.lloyd(X, init[:5], "cosine", max_iter=300, tol=0.0)
+    ref_cos = fit_array(X, 5, metric="cosine", init=init[:5], max_iter=300, tol=0.0)
     np.testing.assert_array_equal(km.assign(X, cos.centroids.astype(np.float64), "cosine")[0], ref_cos.labels)
     assert cos.inertia == pytest.approx(ref_cos.inertia, rel=1e-4)
     a = fit_kmeans(emb.dataset(), 5, metric="cosine", seed=11, sample_size=100, num_shards=2)

@@ -296,7 +296,7 @@ def test_parquet_row_groups_become_fragments_with_global_row_ids(tmp_path, monke
 
 
 def test_no_input_means_the_embedded_sample_corpus(tmp_path):
-    from rnb_ray.regroup.regroup import resolve_input
+    from rnb_ray.regroup.cache import resolve_input
 
     cfg = RegroupConfig(output=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
     path, domain_column = resolve_input(cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_samples as sk_silhouette_samples
 
 from rnb_ray.regroup import kmeans as km
@@ -51,29 +50,6 @@ def test_partials_add_up_to_whole():
     exact = np.stack([X32[labels == c].astype(np.float64).sum(0) for c in range(5)])
     np.testing.assert_allclose(sums, exact, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(counts, np.bincount(labels, minlength=5))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lloyd_matches_sklearn(seed):
-    X = blobs(seed=seed)
-    init = X[np.random.default_rng(seed).choice(len(X), 6, replace=False)].astype(np.float64)
-    ours = km.lloyd(X, init, "euclidean", max_iter=300, tol=0.0)
-    ref = KMeans(6, init=init.astype(np.float32), n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
-    np.testing.assert_array_equal(ours.labels, ref.labels_)
-    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
-    np.testing.assert_allclose(ours.centroids, ref.cluster_centers_, atol=1e-4)
-    assert ours.converged
-
-
-def test_empty_cluster_is_reseeded_like_sklearn():
-    X = blobs(k=4, seed=3)
-    init = X[:4].astype(np.float64).copy()
-    init[3] = 1e3  # far from everything: empty after the first assignment
-    ours = km.lloyd(X, init, "euclidean", max_iter=300, tol=0.0)
-    assert (np.bincount(ours.labels, minlength=4) > 0).all()
-    ref = KMeans(4, init=init.astype(np.float32), n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
-    np.testing.assert_array_equal(ours.labels, ref.labels_)
-    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
 
 
 def test_cosine_lloyd_has_unit_centroids_and_decreasing_inertia():
