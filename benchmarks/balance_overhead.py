@@ -36,11 +36,11 @@ import torch  # noqa: E402
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
 from rnb_ray.balance.data import ChunkReader, prepare_plan, worker_streams  # noqa: E402
-from rnb_ray.balance.lm import grad_token_mask, load_tokenizer, model_for, per_example_loss  # noqa: E402
+from rnb_ray.balance.lm import load_tokenizer, model_for  # noqa: E402
 from rnb_ray.balance.mixing import domain_means, gram, rnb_mixture  # noqa: E402
 from rnb_ray.balance.sampler import DomainSampler  # noqa: E402
 from rnb_ray.balance.sketch import gram_relative_error  # noqa: E402
-from rnb_ray.balance.step import Batch, next_batch, train_step  # noqa: E402
+from rnb_ray.balance.step import Batch, forward_backward, next_batch, train_step  # noqa: E402
 
 MODULES = ["asyncio", "decimal", "email", "logging", "http", "unittest"]
 
@@ -218,10 +218,7 @@ def _capture_round(model, batches: list[Batch], modules, m, **kw):
     cap = DomainGradCapture(modules, m, **kw)
     try:
         for b in batches:
-            ids, am = b.input_ids, b.attention_mask
-            cap.begin(torch.as_tensor(b.domains), grad_token_mask(am), scale=len(ids))
-            per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
-            cap.end()
+            forward_backward(model, b, capture=cap)
             model.zero_grad()
         sums, counts = cap.take()
         return domain_means(sums, counts), cap.seconds, cap.flops, cap

@@ -1,10 +1,11 @@
-"""One training step and one evaluation pass of a Balance worker (torch only: no Ray, no IO).
+"""One training step and one evaluation pass of a Balance worker (torch only, no Ray).
 
-``train_step`` is the step every worker runs and the benchmarks time: forward, loss, backward — with
+``train_step`` is the step every worker runs and the benchmarks time: ``forward_backward`` — with
 ``capture`` given, the captured layers' weight gradients are formed one GEMM per domain inside that same
 backward and added to per-domain sums (``DomainGradCapture``) — then gradient clipping, the optimizer and
 the learning-rate schedule. ``next_batch`` draws the batch from the mixture and orders it by domain when
-capture needs it; ``evaluate`` sums per-domain losses over a worker's evaluation texts.
+capture needs it; ``evaluate`` sums per-domain losses over a worker's evaluation texts; ``dump_batch``
+saves a step's batch for ``debug_dump_rounds``.
 """
 
 from __future__ import annotations
@@ -57,14 +58,12 @@ def optimizer_for(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optim
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch, *,
-               capture: DomainGradCapture | None = None,
-               autocast: contextlib.AbstractContextManager[Any] | None = None) -> torch.Tensor:
-    """One optimizer step on ``batch``; returns the (detached) mean per-example loss.
+def forward_backward(model: nn.Module, batch: Batch, *, capture: DomainGradCapture | None = None,
+                     autocast: contextlib.AbstractContextManager[Any] | None = None) -> torch.Tensor:
+    """Forward, mean per-example loss, backward; returns the (detached) loss.
 
     With ``capture``, the batch's per-domain gradient sums of the captured layers are accumulated in the
     same backward (the batch should be ordered by domain: ``next_batch(..., by_domain=True)``).
-    ``scheduler`` may be None (benchmarks timing the step alone).
     """
     ids, am = batch.input_ids, batch.attention_mask
     if capture is not None:
@@ -75,12 +74,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     loss.backward()
     if capture is not None:
         capture.end()
+    return loss.detach()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch, *,
+               capture: DomainGradCapture | None = None,
+               autocast: contextlib.AbstractContextManager[Any] | None = None) -> torch.Tensor:
+    """One optimizer step on ``batch`` (``forward_backward``, gradient clipping, optimizer, schedule);
+    returns the loss. ``scheduler`` may be None (benchmarks timing the step alone)."""
+    loss = forward_backward(model, batch, capture=capture, autocast=autocast)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def eval_grad_step(model: nn.Module, capture: DomainGradCapture, texts: list[str], tok: Any, seq_len: int,
