@@ -35,7 +35,15 @@ from rnb_ray.balance.mixer import Mixer
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
-from rnb_ray.balance.step import dump_batch, eval_grad_step, evaluate, next_batch, optimizer_for, train_step
+from rnb_ray.balance.step import (
+    Batch,
+    dump_batch,
+    eval_grad_step,
+    evaluate,
+    next_batch,
+    optimizer_for,
+    train_step,
+)
 from rnb_ray.errors import RnbError
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,7 @@ class Trainer:
         model = model_for(cfg, self.tok)
         self.n_params = matmul_params(model)
         self.capture = self._capture(model) if self.needs.capture else None
+        self.train_capture = self.capture if self.needs.train_grads else None  # capture during training steps
         self.model = rt.prepare_model(model)
         self.raw_model = getattr(self.model, "module", self.model)
         self.opt, self.sched = optimizer_for(self.model, cfg)
@@ -114,11 +123,11 @@ class Trainer:
         for step in range(self.step, end):
             t0, cap0 = time.perf_counter(), self._capture_seconds()
             batch = next_batch(self.sampler, self.p, cfg.batch_size, self.tok, cfg.seq_len, self.rt.device,
-                               by_domain=self.capture is not None and self.needs.train_grads)
+                               by_domain=self.train_capture is not None)
             if self.round < cfg.debug_dump_rounds:
                 dump_batch(cfg.run_dir / "debug", self.round, step, self.rt.rank, batch, self.raw_model)
-            loss = train_step(self.model, self.opt, self.sched, batch, autocast=self.autocast,
-                              capture=self.capture if self.needs.train_grads else None)
+            loss = train_step(self.model, self.opt, self.sched, batch, capture=self.train_capture,
+                              autocast=self.autocast)
             self._count_step(loss, batch, t0, cap0)
             self.step = done = step + 1
             self.skipped = self.end_round() if done % K == 0 else None
@@ -136,7 +145,7 @@ class Trainer:
     def _capture_seconds(self) -> float:
         return self.capture.seconds if self.capture is not None else 0.0
 
-    def _count_step(self, loss: torch.Tensor, batch: Any, t0: float, cap0: float) -> None:
+    def _count_step(self, loss: torch.Tensor, batch: Batch, t0: float, cap0: float) -> None:
         self.loss_sum += float(loss)
         self.loss_n += 1
         self.totals.tokens += float(batch.attention_mask.sum())
