@@ -36,10 +36,11 @@ import torch  # noqa: E402
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
 from rnb_ray.balance.gram import domain_means, gram, rnb_mixture  # noqa: E402
-from rnb_ray.balance.lm import build_model, grad_token_mask, load_tokenizer, per_example_loss  # noqa: E402
+from rnb_ray.balance.lm import load_tokenizer, model_for  # noqa: E402
 from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_streams  # noqa: E402
 from rnb_ray.balance.sampler import DomainSampler  # noqa: E402
 from rnb_ray.balance.sketch import gram_relative_error  # noqa: E402
+from rnb_ray.balance.step import Batch, forward_backward, next_batch, train_step  # noqa: E402
 
 MODULES = ["asyncio", "decimal", "email", "logging", "http", "unittest"]
 
@@ -140,14 +141,8 @@ def step_time(data: Path, args) -> dict:
         cap = DomainGradCapture(modules, plan.m) if capture else None
         try:
             t0 = time.perf_counter()
-            for ids, am, doms in batches:
-                if cap:
-                    cap.begin(doms, grad_token_mask(am), scale=len(ids))
-                per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
-                if cap:
-                    cap.end()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            for batch in batches:
+                train_step(model, opt, None, batch, capture=cap)  # the step every worker runs
             return time.perf_counter() - t0
         finally:
             if cap:
@@ -197,40 +192,33 @@ def gpt2_small_estimate(batch_size: int = 8, seq_len: int = 1024, domains_per_ba
 
 
 # ---------------------------------------------------------------------------------------------- parts 2, 3
-def _model_and_batches(data: Path, args, n_batches: int, warm_steps: int):
-    """A model briefly trained (stratified) on the corpus, and fresh batches of every domain."""
-    cfg = TrainConfig(data=str(data), output="unused", tokenizer=args.tokenizer, seq_len=args.seq_len)
+def _model_and_batches(data: Path, args, n_batches: int, warm_steps: int) -> tuple[torch.nn.Module, list[Batch], object]:
+    """A model briefly trained (stratified) on the corpus, and fresh batches of every domain: the run's
+    model, rank 0's sampler and its batches (ordered by domain) exactly as a one-worker ``rnb train`` builds them."""
+    cfg = TrainConfig(data=str(data), output="unused", tokenizer=args.tokenizer, seq_len=args.seq_len,
+                      n_layer=args.n_layer, n_head=2, n_embd=args.n_embd, seed=0)
     plan = prepare_plan(cfg)
-    tok = load_tokenizer(None, args.tokenizer)
-    model = build_model(None, vocab_size=len(tok), seq_len=args.seq_len, n_layer=args.n_layer, n_head=2,
-                        n_embd=args.n_embd, pad_token_id=tok.pad_token_id, seed=0)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
+    model = model_for(cfg, tok)
     reader = ChunkReader(plan.sources, plan.text_column)
-    sampler = DomainSampler(worker_streams(plan, 0, 1, 0, reader), seed=0)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, reader), seed=cfg.seed * 1009)
     p = np.full(plan.m, 1 / plan.m)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
-    def batch():
-        texts, doms = sampler.next_batch(p, args.batch_size)
-        order = np.argsort(doms, kind="stable")  # as ``train`` does: each domain's rows contiguous
-        texts, doms = [texts[i] for i in order], np.asarray(doms)[order]
-        enc = tok(texts, truncation=True, max_length=args.seq_len, padding=True, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"], torch.as_tensor(doms)
+    def batch() -> Batch:
+        return next_batch(sampler, p, args.batch_size, tok, cfg.seq_len, by_domain=True)
 
     for _ in range(warm_steps):
-        ids, am, _d = batch()
-        per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, None, batch())
     return model, [batch() for _ in range(n_batches)], plan
 
 
-def _capture_round(model, batches, modules, m, **kw):
+def _capture_round(model, batches: list[Batch], modules, m, **kw):
+    """Per-domain mean gradients of ``modules`` over ``batches`` at fixed weights (no optimizer step)."""
     cap = DomainGradCapture(modules, m, **kw)
     try:
-        for ids, am, doms in batches:
-            cap.begin(doms, grad_token_mask(am), scale=len(ids))
-            per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am).mean().backward()
-            cap.end()
+        for b in batches:
+            forward_backward(model, b, capture=cap)
             model.zero_grad()
         sums, counts = cap.take()
         return domain_means(sums, counts), cap.seconds, cap.flops, cap

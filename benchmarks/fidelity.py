@@ -257,42 +257,23 @@ def regroup_corpus(train: Path, val: Path, work: Path, ks: list[int], seed: int)
 
 
 # ----------------------------------------------------------------------------------- evaluation
-def final_checkpoint(run: Path) -> Path:
-    """The newest checkpoint directory of a run (Ray Train names them checkpoint_<timestamp>)."""
-    cks = [p.parent for p in run.glob("checkpoints/**/model.pt")]
-    if not cks:
-        raise RuntimeError(f"{run} has no checkpoint with model.pt")
-    return max(cks, key=lambda p: (p.stat().st_mtime, p.name))
-
-
 def evaluate_by_category(run: Path, test: Path, batch: int = 64) -> dict[str, float]:
-    """Mean per-example loss of the run's final model on every test category."""
+    """Mean per-example loss of the run's final model on every test category: the run's own model, tokenizer
+    and loss (``checkpoint.model_from_run``, ``step.evaluate``), so the figures follow any change to them."""
     import pyarrow.parquet as pq
-    import torch
 
-    from rnb_ray.balance.lm import build_model, load_tokenizer, per_example_loss
+    from rnb_ray.balance.checkpoint import model_from_run
+    from rnb_ray.balance.step import evaluate
 
-    cfg = json.loads((run / "config.json").read_text())
-    tok = load_tokenizer(cfg["model"], cfg["tokenizer"])
-    model = build_model(cfg["model"], vocab_size=len(tok), seq_len=cfg["seq_len"], n_layer=cfg["n_layer"],
-                        n_head=cfg["n_head"], n_embd=cfg["n_embd"], pad_token_id=tok.pad_token_id, seed=cfg["seed"])
-    model.load_state_dict(torch.load(final_checkpoint(run) / "model.pt", map_location="cpu"))
-    model.eval()
+    model, tok, cfg = model_from_run(run)
     rows = pq.read_table(test, columns=["text", "source"]).to_pylist()
     by: dict[str, list[str]] = {}
     for r in rows:
         by.setdefault(r["source"], []).append(r["text"])
-    out = {}
-    with torch.no_grad():
-        for cat in sorted(by):
-            texts, total = by[cat], 0.0
-            for i in range(0, len(texts), batch):
-                enc = tok(texts[i: i + batch], truncation=True, max_length=cfg["seq_len"], padding=True,
-                          return_tensors="pt")
-                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-                total += float(per_example_loss(logits, enc["input_ids"], enc["attention_mask"]).sum())
-            out[cat] = total / len(texts)
-    return out
+    cats = sorted(by)
+    acc, _ = evaluate(model, tok, [by[c] for c in cats], batch_size=batch, seq_len=cfg.seq_len, device="cpu")
+    m = len(cats)
+    return {c: float(acc[i] / acc[m + i]) for i, c in enumerate(cats)}
 
 
 # ----------------------------------------------------------------------------------- one run

