@@ -118,6 +118,7 @@ class Mixer:
         self.m = len(spec.domains)
         self._pending: dict[int, dict[int, dict[str, Any]]] = {}
         self._events: dict[int, asyncio.Event] = {}
+        self._advanced: asyncio.Event | None = None  # set (and replaced) whenever a round completes
         self.summary: dict[str, Any] | None = None
         self._fresh()
         self.restarted = False
@@ -159,6 +160,7 @@ class Mixer:
         for ev in self._events.values():
             ev.set()
         self._events.clear()
+        self._wake_later_rounds()
         if state is None:
             self._fresh()
         else:
@@ -185,9 +187,15 @@ class Mixer:
     async def submit(self, rank: int, round_: int, step: int, payload: dict[str, Any]) -> dict[str, Any]:
         if round_ < self.round:
             return self.result(round_)  # a retried call after a restart: already done
-        if round_ > self.round:
-            raise RnbError(f"worker {rank} sent round {round_} while the mixer expects round {self.round}",
-                           fix="restart the run from its last checkpoint (--resume)")
+        while round_ > self.round:
+            # Ray orders the calls of one caller, not of different workers: with ``stale`` a worker's next
+            # round can arrive before another worker's current one. Wait for the current one to complete
+            # (the worker's round timeout bounds the wait if it never does).
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
+        if round_ < self.round:  # completed (or restored past) while we waited
+            return self.result(round_)
         contributions = self._pending.setdefault(round_, {})
         contributions[rank] = payload
         event = self._events.setdefault(round_, asyncio.Event())
@@ -236,8 +244,14 @@ class Mixer:
         self.round = round_ + 1
         del self._pending[round_]
         self._events.pop(round_, None)
+        self._wake_later_rounds()
         self.seconds += time.perf_counter() - t0
         self._persist()
+
+    def _wake_later_rounds(self) -> None:
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
 
     # ------------------------------------------------------------------ recording
     def log(self, row: dict[str, Any]) -> None:
