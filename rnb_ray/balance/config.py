@@ -112,6 +112,9 @@ class TrainConfig:
             raise bad("strategy", f"is {self.strategy!r}, which is unknown", f"use one of {', '.join(names)}")
         if not self.lam > 0:
             raise bad("lam", f"is {self.lam}; λ must be > 0", "use a positive λ (the paper uses 3)")
+        if "lam" in (self.strategy_options or {}):  # λ has one source, so mixture.json records the λ used
+            raise bad("strategy_options", f"sets lam ({self.strategy_options['lam']}); λ is its own setting",
+                      f"drop lam from --strategy-options and pass --lam {self.strategy_options['lam']}")
         if not 0.0 <= self.floor < 1.0:
             raise bad("floor", f"is {self.floor}", "use 0 <= floor < 1/m (m = number of domains)")
         if self.strategy == "static":

@@ -31,11 +31,12 @@ class Needs:
 
 
 def make_spec(cfg: TrainConfig, plan: Plan, num_workers: int) -> MixerSpec:
-    """The mixer's settings. λ is an rnb option; ``MixerSpec.lam`` is the run's ``--lam`` as recorded in
-    ``mixture.json`` (the same value unless ``strategy_options`` sets its own ``lam``)."""
+    """The mixer's settings. λ comes from ``cfg.lam`` alone (``TrainConfig.validate`` refuses a ``lam`` in
+    ``strategy_options``): the rnb strategy reads it from its options, ``MixerSpec.lam`` records it in
+    ``mixture.json`` — the same value, so the record is the λ used."""
     options = dict(cfg.strategy_options or {})
     if cfg.strategy == "rnb":
-        options.setdefault("lam", cfg.lam)
+        options["lam"] = cfg.lam
     if cfg.strategy == "static":
         assert plan.static_weights is not None
         options["weights"] = plan.static_weights.tolist()

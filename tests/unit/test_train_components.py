@@ -83,3 +83,23 @@ def test_train_step_is_one_clipped_adamw_step_on_the_mean_loss():
     assert float(loss) == pytest.approx(float(ref_loss.detach()))
     assert all(torch.allclose(a, b) for a, b in zip(model.parameters(), ref.parameters(), strict=True))
     assert sched.last_epoch == 1 and all(p.grad is None for p in model.parameters())
+
+
+def test_lam_has_one_source(tmp_path):
+    """λ is --lam: a lam inside --strategy-options is refused (mixture.json would record another λ), and the
+    mixer spec carries the same λ the rnb strategy reads."""
+    from rnb_ray.balance.run_setup import make_spec
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x", "domain": 1}\n')
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), strategy_options='{"lam": 5}')
+    with pytest.raises(RnbError, match="lam.*--lam 5"):
+        cfg.validate()
+
+    class _Plan:
+        domains, static_weights = ["a", "b"], None
+        sizes, q = np.array([1, 1]), np.array([0.5, 0.5])
+
+    ok = TrainConfig(data=str(data), output=str(tmp_path / "run"), lam=7.0).validate()
+    spec = make_spec(ok, _Plan(), num_workers=1)  # type: ignore[arg-type]
+    assert spec.lam == spec.options["lam"] == 7.0
