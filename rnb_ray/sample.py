@@ -2,13 +2,20 @@
 
 Needs no download and exists on every Python install. The original domain is the top-level module, so
 regrouping can be compared against a known split (the cross-tab in ``domains.json``). Deterministic for a
-given Python version: modules are walked in sorted order and duplicates are dropped.
+given Python version: modules are walked in sorted order and duplicates are dropped, and
+``write_sample_corpus`` walks them in a fresh interpreter, because libraries patch the standard library
+when imported (grpc, which Ray imports, replaces ``inspect.isgenerator`` with an undocumented wrapper): the
+same walk in a process that has imported Ray would give a different corpus.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -91,7 +98,17 @@ def sample_rows(modules: tuple[str, ...] = SAMPLE_MODULES) -> dict[str, list]:
 def write_sample_corpus(path: str | Path, modules: tuple[str, ...] = SAMPLE_MODULES) -> Path:
     """Write the sample corpus as one parquet file (columns id, text, source) and return its path."""
     path = Path(path)
-    table = pa.table(sample_rows(modules))
+    table = pa.table(_fresh_sample_rows(modules))
     with atomic.atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def _fresh_sample_rows(modules: tuple[str, ...]) -> dict[str, list]:
+    """``sample_rows`` computed in a new interpreter that imports nothing but this module (see the module
+    docstring: the walk must not see other libraries' patches of the standard library)."""
+    code = "import json, sys; from rnb_ray.sample import sample_rows; json.dump(sample_rows(tuple(sys.argv[1:])), sys.stdout)"
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code, *modules], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
