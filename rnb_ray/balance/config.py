@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from rnb_ray.balance.strategies import known_strategies
 from rnb_ray.errors import RnbError
+from rnb_ray.storage import is_uri
 
 # Settings that may differ between a run and its ``--resume`` (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset(
@@ -95,8 +96,7 @@ class TrainConfig:
 
         if not self.data:
             raise bad("data", "is empty", "pass the corpus: --data OUT_OF_REGROUP or a parquet/jsonl file")
-        from rnb_ray.storage import is_uri  # URIs (s3://, gs://) are checked when prepare_plan lists them
-
+        # URIs (s3://, gs://) are checked when the plan lists them
         if not is_uri(self.data) and not Path(self.data).exists():
             raise bad("data", f"points to {self.data}, which does not exist", "check the path")
         if self.eval_data is not None and not is_uri(self.eval_data) and not Path(self.eval_data).exists():
