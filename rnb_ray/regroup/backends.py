@@ -155,6 +155,19 @@ def verify(directory: Path, backend: str, model: ModelRef) -> BackendModel:
     return BackendModel(backend, str(Path(directory).absolute()), src, meta["recipe"])
 
 
+def check_made_from(record: dict[str, Any] | None, model: ModelRef, *, where: str) -> None:
+    """Embeddings (or centroids) made with a derived model are only reused with the model it was made from."""
+    src = (record or {}).get("source") or {}
+    mine = source_record(model)
+    if src.get("sha256") != mine["sha256"]:
+        backend = (record or {}).get("backend", "derived")
+        raise RnbError(f"{where} holds embeddings of a {backend} model made from model {src.get('name')!r} "
+                       f"(sha256 {str(src.get('sha256'))[:12]}), not from {model.name!r} at {model.path} "
+                       f"(sha256 {mine['sha256'][:12]}), whose files have the same names and sizes",
+                       where=where, fix="delete that cache entry (and its model under <cache_dir>/models), or pass "
+                       "another --cache-dir")
+
+
 def prepare(model: ModelRef, backend: str, models_dir: Path | str) -> BackendModel:
     """Make (once) and check the derived model of ``backend`` for ``model``; torch needs nothing.
 

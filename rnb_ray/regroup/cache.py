@@ -201,6 +201,8 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
     entry = cache_root / key
     if (entry / "meta.json").exists():
         emb = _load_entry(entry, corpus, cache_hit=True)
+        if emb.backend != "torch":  # the key has the model's fingerprint (file sizes); the record has its content
+            backends.check_made_from(emb.backend_model, model, where=str(entry))
         log.info("embedding cache hit: %s (%d documents, dim %d)", entry, emb.n, emb.dim)
         _check_nonempty(emb, corpus)
         return emb
