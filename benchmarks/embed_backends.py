@@ -143,6 +143,14 @@ def knn_overlap(A: np.ndarray, B: np.ndarray, k: int = 10, chunk: int = 2048) ->
     return float(np.mean(shares))
 
 
+def _cosines(A: np.ndarray, B: np.ndarray) -> dict[str, float] | None:
+    """Each document's cosine between two backends' (unit) vectors: min, 1st percentile, mean (same space only)."""
+    if A.shape != B.shape:
+        return None
+    c = (A * B).sum(axis=1)
+    return {"min": float(c.min()), "p1": float(np.percentile(c, 1)), "mean": float(c.mean())}
+
+
 def _median(xs: list[float]) -> float:
     return float(np.median(xs))
 
@@ -169,6 +177,11 @@ def markdown(result: dict) -> str:
               f"own fits at two different seeds: NMI {floor['nmi']:.3f}, ARI {floor['ari']:.3f} — how far two k-means "
               "fits of the same vectors already disagree on this corpus. Throughput: steady state, actor start "
               "excluded; making the derived model is a one-off, cached."]
+    cos = {b: r["cosine_to_torch"] for b, r in rows.items() if b != "torch" and r.get("cosine_to_torch")}
+    if cos:
+        lines += ["", "Cosine of each document's vector to torch's: " + "; ".join(
+            f"{b} min {c['min']:.4f}, 1st percentile {c['p1']:.4f}, mean {c['mean']:.4f}" for b, c in cos.items())
+            + "."]
     for kk, r in result.get("other_k", {}).items():
         lines += ["", f"At k = {kk}: NMI vs torch " + ", ".join(f"{b} {r[b]['nmi_vs_torch']:.3f}" for b in BACKENDS[1:])
                   + f" (torch vs itself at another seed {r['floor_nmi']:.3f}); NMI vs categories "
@@ -254,6 +267,7 @@ def main() -> None:
                    "nmi_vs_torch": float(np.mean([nmi(labels["torch"][s], labels[b][s]) for s in seeds])),
                    "ari_vs_torch": float(np.mean([ari(labels["torch"][s], labels[b][s]) for s in seeds])),
                    "knn10_overlap": knn_overlap(X["torch"], X[b]),
+                   "cosine_to_torch": _cosines(X["torch"], X[b]),
                    "nmi_vs_categories": float(np.mean([nmi(categories, labels[b][s]) for s in seeds])),
                    "dim": int(X[b].shape[1]),
                    "prepare_seconds": prep_seconds[b], "size_mb": size / 2**20}

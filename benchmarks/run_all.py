@@ -58,10 +58,6 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
     ("fidelity (R&B on fortunes)", "fidelity.py", "fidelity.json",
      ["--quick", "--arms", ",".join(FIDELITY_ARMS), "--seeds", "0,1,2", "--k", "20"], FIDELITY_SMOKE),
 ]
-# Markdown tables shown under the ratio table when present: embed_backends.py's, then the fidelity ones.
-EXTRA_TABLES: list[tuple[str, str]] = [
-    ("embed_backends.md", "**Embedding backends** (`benchmarks/embed_backends.py`; README: Embedding backends):"),
-]
 # Markdown tables shown under the ratio table when present (fidelity.py / fidelity_investigate.py write them).
 FIDELITY_TABLES: list[tuple[str, str]] = [
     ("fidelity.md", "**Fidelity**, reduced setting (held-out loss on fortunes, lower is better):"),
@@ -178,10 +174,6 @@ def render(statuses: dict[str, dict[str, Any]], quick: bool, info: dict[str, Any
                   "not evidence):", ""]
         lines.append(smoke.read_text().strip() if fid.get("status") == "ok" and smoke.is_file()
                      else f"*fidelity smoke test: {fid.get('status', 'not run')}*")
-    for file, title in EXTRA_TABLES:
-        path = RESULTS / file
-        if path.is_file():
-            lines += ["", title, "", path.read_text().strip()]
     shown = False
     for file, title in FIDELITY_TABLES:
         path = RESULTS / file

@@ -179,17 +179,16 @@ def prepare(model: ModelRef, backend: str, models_dir: Path | str) -> BackendMod
         return BackendModel("torch")
     target = artifact_dir(Path(models_dir), backend, model)
     if not (target / META).is_file():
-        if backend == "onnx-int8":
-            onnx = prepare(model, "onnx", models_dir)
-            make = lambda tmp: _quantize(onnx, tmp)  # noqa: E731
-        elif backend == "onnx":
-            make = lambda tmp: _export_onnx(model, tmp)  # noqa: E731
-        else:
-            make = lambda tmp: _distill_static(model, tmp)  # noqa: E731
+        source = prepare(model, "onnx", models_dir) if backend == "onnx-int8" else None  # int8 quantises the export
         log.info("making the %s model of %s once, locally: %s", backend, model.name, target)
         t0 = time.perf_counter()
         with atomic_dir(target, if_exists="keep") as tmp:
-            info = make(tmp)
+            if backend == "onnx":
+                info = _export_onnx(model, tmp)
+            elif backend == "onnx-int8":
+                info = _quantize(source, tmp)
+            else:
+                info = _distill_static(model, tmp)
             meta = {"backend": backend, "recipe": RECIPES[backend], "source": source_record(model),
                     "seconds": time.perf_counter() - t0, "versions": _versions(backend), **info}
             (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -257,13 +256,14 @@ def _export_onnx(model: ModelRef, out: Path) -> dict[str, Any]:
                 "file": ONNX_FILE}
 
 
-def _quantize(onnx: BackendModel, out: Path) -> dict[str, Any]:
+def _quantize(onnx: BackendModel | None, out: Path) -> dict[str, Any]:
     """int8 dynamic quantisation (weights int8 per channel, activations quantised on the fly)."""
     import shutil
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src = Path(onnx.path or "")
+    assert onnx is not None and onnx.path is not None
+    src = Path(onnx.path)
     meta = json.loads((src / META).read_text(encoding="utf-8"))
     model = ModelRef(onnx.source["name"], onnx.source["path"])
     with _failing_as("onnx-int8", model, "int8 quantisation of the ONNX export"):
