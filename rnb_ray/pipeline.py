@@ -33,7 +33,17 @@ from rnb_ray import atomic, ray_env
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.config import from_dict, read_settings, to_dict
 from rnb_ray.errors import RnbError
-from rnb_ray.regroup.config import RegroupConfig
+from rnb_ray.regroup.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_PRECISION,
+    EMBED_GPUS_HELP,
+    EMBED_PRECISION_HELP,
+    EmbedBackend,
+    EmbedPrecision,
+    RegroupConfig,
+    check_embed_phases,
+    phase_settings,
+)
 from rnb_ray.regroup.regroup import regroup
 from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
 from rnb_ray.storage import refuse_uris
@@ -42,6 +52,9 @@ from rnb_ray.sweep.tune import run_sweep
 
 SAMPLE_DOMAIN_COLUMN = "source"
 REGROUP_SETTINGS = ("input", "k", "text_column", "domain_column", "model", "cache_dir", "seed")  # hashed
+# Hashed only when not at their defaults, so runs made before these settings existed stay current; GPUs per
+# actor do not change the embeddings (nor the embedding cache key) and are not hashed.
+EMBED_SETTINGS = {"embed_backend": DEFAULT_BACKEND, "embed_precision": DEFAULT_PRECISION, "sweep_embed_backend": None}
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,14 @@ class PipelineConfig:
     train_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON TrainConfig for the sweep trials and the final run"})
     cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default: RUN/.rnb-cache)"})
+    embed_backend: EmbedBackend = field(default=DEFAULT_BACKEND, metadata={"help": (
+        "embedding backend of the final regroup and, unless --sweep-embed-backend, of the sweep: torch, onnx, "
+        "onnx-int8 or static (see rnb regroup --help) (default: torch)")})
+    sweep_embed_backend: EmbedBackend | None = field(default=None, metadata={"help": (
+        "embedding backend of the sweep (default: --embed-backend); a different one costs a second embedding "
+        "of the corpus (README: Embedding backends)")})
+    embed_gpus: float = field(default=0.0, metadata={"help": EMBED_GPUS_HELP})
+    embed_precision: EmbedPrecision = field(default=DEFAULT_PRECISION, metadata={"help": EMBED_PRECISION_HELP})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
 
@@ -86,6 +107,11 @@ class PipelineConfig:
             raise RnbError(f"λ must be positive, got {self.lam}", where="--lam", fix="the paper uses 3")
         if self.train_config is not None and not Path(self.train_config).is_file():
             raise RnbError(f"train config {self.train_config} does not exist", where="--train-config")
+        check_embed_phases(self.embed_backend, self.sweep_embed_backend, self.embed_gpus, self.embed_precision)
+
+    @property
+    def sweep_backend(self) -> str:
+        return self.sweep_embed_backend or self.embed_backend
 
 
 def settings_hash(settings: dict[str, Any], upstream: list[str] | None = None) -> str:
@@ -207,13 +233,17 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         strategy=tuple(cfg.sweep_strategy), trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
         grace_steps=min(cfg.sweep_eval_every * 2, cfg.trial_steps), text_column=cfg.text_column,
         domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, train_config=cfg.train_config,
-        write_best=False, seed=cfg.seed)
+        write_best=False, seed=cfg.seed, **phase_settings(cfg.sweep_backend, cfg.embed_gpus, cfg.embed_precision))
     sweep_cfg.validate()
 
     ray_env.connect(address)
+    if cfg.embed_gpus > 0:  # fail at once, not after the sweep when the final regroup wants the GPU
+        ray_env.require_resources(gpus=cfg.embed_gpus, what=f"embedding ({cfg.embed_gpus:g} GPU per actor)",
+                                  fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
 
     # sweep ----------------------------------------------------------------------------------------------
-    sweep_settings = {k: v for k, v in to_dict(sweep_cfg).items() if k not in ("output", "resume")}
+    sweep_settings = _drop_defaults({k: v for k, v in to_dict(sweep_cfg).items()
+                                     if k not in ("output", "resume", "embed_gpus")})
     sweep_settings["train_config"] = train_file  # the content, not the file name
     sweep_hash = stages.stage("sweep", sweep_settings, [corpus_hash],
                               lambda d: run_sweep(dataclasses.replace(sweep_cfg, output=str(d)), log=log),
@@ -223,8 +253,11 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
 
     # regroup at the best k --------------------------------------------------------------------------------
     regroup_cfg = RegroupConfig(output="", input=corpus, k=best_k, text_column=cfg.text_column,
-                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed)
+                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed,
+                                **phase_settings(cfg.embed_backend, cfg.embed_gpus, cfg.embed_precision))
     regroup_settings = {k: getattr(regroup_cfg, k) for k in REGROUP_SETTINGS if getattr(regroup_cfg, k) is not None}
+    regroup_settings.update(_drop_defaults({k: getattr(regroup_cfg, k) for k in EMBED_SETTINGS
+                                            if hasattr(regroup_cfg, k)}))
     regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash],
                                 lambda d: regroup(dataclasses.replace(regroup_cfg, output=str(d))))
 
@@ -248,6 +281,11 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     atomic.write_json(run / "pipeline.json", summary)
     log(f"done in {summary['seconds_total']:.1f} s: best k = {best_k}; report: {run / 'report' / 'report.html'}")
     return summary
+
+
+def _drop_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """Embedding settings at their defaults left out of a stage hash (see ``EMBED_SETTINGS``)."""
+    return {k: v for k, v in settings.items() if k not in EMBED_SETTINGS or v != EMBED_SETTINGS[k]}
 
 
 def _fingerprint(p: Path) -> list[tuple[str, int, int]]:

@@ -38,12 +38,14 @@ def run_assign(args: argparse.Namespace) -> int:
     from rnb_ray.regroup.assign import assign, validate_assign
 
     cfg = load_config(AssignConfig, args.config, overrides_from_args(args, AssignConfig))
-    validate_assign(cfg.domains, cfg.input, cfg.output, text_column=cfg.text_column, overwrite=cfg.overwrite)
+    validate_assign(cfg.domains, cfg.input, cfg.output, text_column=cfg.text_column, overwrite=cfg.overwrite,
+                    embed_backend=cfg.embed_backend, embed_gpus=cfg.embed_gpus, embed_precision=cfg.embed_precision)
     _logging()
     ray_env.connect(args.address)
     result = assign(cfg.domains, cfg.input, cfg.output, text_column=cfg.text_column, overwrite=cfg.overwrite,
                     embed_batch_size=cfg.embed_batch_size, embed_actors=cfg.embed_actors,
-                    embed_threads=cfg.embed_threads)
+                    embed_threads=cfg.embed_threads, embed_backend=cfg.embed_backend, embed_gpus=cfg.embed_gpus,
+                    embed_precision=cfg.embed_precision, cache_dir=cfg.cache_dir)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,8 +1,9 @@
 """``assign``: give new documents the domains of an earlier regroup (nearest training centroid).
 
 The paper assigns evaluation data to the *training* centroids rather than clustering it separately (a
-cluster without training data could not be sampled). Documents are embedded with the regroup's model,
-in the same Ray Data actor pool, and written like the regroup output:
+cluster without training data could not be sampled). Documents are embedded with the regroup's model and
+embedding backend (``domains.json``'s ``embed_backend``; another backend would put them in another vector
+space, so it is refused), in the same Ray Data actor pool, and written like the regroup output:
 
     OUT/data/domain=<id>/part-*.parquet   every input column + ``domain`` (int64)
     OUT/assignment.json                   {"domains", "input", "k", "n_documents", "n_dropped_empty",
@@ -27,8 +28,17 @@ from rnb_ray import storage
 from rnb_ray.corpus import INTERNAL_COLUMNS, REPLACED, ROW_ID, open_corpus
 from rnb_ray.errors import RnbError
 from rnb_ray.outputs import atomic_output, check_output_dir
-from rnb_ray.ray_env import ordered_execution, require_resources, rnb_errors_from_ray
+from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
+from rnb_ray.regroup import backends
 from rnb_ray.regroup import kmeans as km
+from rnb_ray.regroup.cache import (
+    embedder_args,
+    gpu_args,
+    pool_size,
+    require_embedding_cpus,
+    require_embedding_gpus,
+)
+from rnb_ray.regroup.config import AssignConfig, check_embed_backend
 from rnb_ray.regroup.embed import EMBEDDING, EMPTY, Embedder, ModelRef, embeddings_numpy, resolve_model
 from rnb_ray.regroup.regroup import DOMAIN, RENAMED_DOMAIN, WRITE_BATCH_ROWS, write_domain_parts
 
@@ -94,14 +104,47 @@ def _model_for(doc: dict) -> ModelRef:
     return resolve_model(doc["model"])
 
 
+def assign_backend(doc: dict, asked: str | None, domains_json: str | Path) -> str:
+    """The regroup's embedding backend (torch for a domains.json written before backends existed); refuses
+    another one: its vectors would not be in the space the centroids live in."""
+    used = doc.get("embed_backend") or "torch"
+    if asked is not None and asked != used:
+        raise RnbError(f"--embed-backend {asked}, but the regroup of {domains_json} embedded with {used}: documents "
+                       "embedded with another backend are not comparable with its centroids",
+                       where="--embed-backend", fix=f"drop --embed-backend (assign uses {used}), or regroup again with "
+                       f"--embed-backend {asked}")
+    return used
+
+
+def _backend_model(doc: dict, model: ModelRef, backend: str, models_dir: Path) -> backends.BackendModel:
+    """The regroup's derived model (ONNX export / static model) when it is still there, else the same one made
+    again from the same model into ``models_dir``; the recorded source must be the model found here."""
+    if backend == "torch":
+        return backends.BackendModel("torch")
+    rec = doc.get("backend_model") or {}
+    made_from = (rec.get("source") or {}).get("sha256")
+    if made_from is not None and made_from != backends.source_record(model)["sha256"]:
+        raise RnbError(f"the regroup's {backend} model was made from model {rec['source'].get('name')!r} "
+                       f"(sha256 {made_from[:12]}), but the model found now ({model.path}) has other content",
+                       where=str(model.path), fix="assign with the regroup's own model files, or regroup again")
+    path = rec.get("path")
+    if path and (Path(path) / backends.META).is_file():
+        return backends.verify(Path(path), backend, model)
+    return backends.prepare(model, backend, models_dir)
+
+
 def validate_assign(domains_json: str | Path, input: str | Path, output: str | Path, *,
-                    text_column: str | None = None, overwrite: bool = False):
-    """All checks that need no Ray; returns (domains doc, centroids, corpus, model)."""
+                    text_column: str | None = None, overwrite: bool = False, embed_backend: str | None = None,
+                    embed_gpus: float = 0.0, embed_precision: str = "fp32"):
+    """All checks that need no Ray; returns (domains doc, centroids, corpus, model, backend)."""
     doc, C = load_domains(domains_json)
+    backend = assign_backend(doc, embed_backend, domains_json)
+    check_embed_backend(backend, embed_gpus, embed_precision)
+    backends.require_packages(backend)
     check_output_dir(output, overwrite)
     model = _model_for(doc)
     corpus = open_corpus(input, text_column or doc["text_column"])
-    return doc, C, corpus, model
+    return doc, C, corpus, model, backend
 
 
 def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metric: str,
@@ -126,8 +169,9 @@ def _assign_write(batch: pa.Table, *, data_dir: str, centroids: np.ndarray, metr
 
 def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, text_column: str | None = None,
            overwrite: bool = False, embed_batch_size: int = 128, embed_actors: int | None = None,
-           embed_threads: int = 1) -> dict:
-    """Embed ``input`` with the regroup's model and write it with the nearest centroid's ``domain``.
+           embed_threads: int = 1, embed_backend: str | None = None, embed_gpus: float = 0.0,
+           embed_precision: str = "fp32", cache_dir: str | None = None) -> dict:
+    """Embed ``input`` with the regroup's model and backend and write it with the nearest centroid's ``domain``.
 
     Args:
         domains_json: ``OUT/domains.json`` of an ``rnb regroup`` run (its ``centroids.npy`` beside it).
@@ -135,6 +179,10 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
         output: directory to write (atomically): ``data/domain=<id>/`` and ``assignment.json``.
         text_column: text column of ``input``; default: the regroup's.
         overwrite: replace a non-empty ``output``.
+        embed_backend: default (None) the regroup's (``domains.json``); another one is refused.
+        embed_gpus, embed_precision: GPUs per embedding actor (torch backend) and fp32/fp16/bf16 on them.
+        cache_dir: where the ONNX export / static model is made when the regroup's is gone
+            (default ``<parent of output>/.rnb-cache``).
 
     Returns:
         The ``assignment.json`` content. Ray must be initialised.
@@ -142,23 +190,27 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
     import ray
     from ray.data import ActorPoolStrategy
 
-    doc, C, corpus, model = validate_assign(domains_json, input, output, text_column=text_column,
-                                            overwrite=overwrite)
-    if embed_batch_size < 1 or embed_threads < 1 or (embed_actors is not None and embed_actors < 1):
-        raise RnbError("embed_batch_size, embed_threads and embed_actors must be at least 1")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = embed_actors or max(1, cpus // embed_threads)
-    require_resources(cpus=actors * embed_threads, what=f"embedding ({actors} actor(s) × {embed_threads} CPU)")
+    cfg = AssignConfig(domains=str(domains_json), input=str(input), output=str(output), text_column=text_column,
+                       embed_batch_size=embed_batch_size, embed_actors=embed_actors, embed_threads=embed_threads,
+                       embed_backend=embed_backend, embed_gpus=embed_gpus, embed_precision=embed_precision,
+                       cache_dir=cache_dir, overwrite=overwrite)
+    cfg.validate()
+    doc, C, corpus, model, backend = validate_assign(domains_json, input, output, text_column=text_column,
+                                                     overwrite=overwrite, embed_backend=embed_backend,
+                                                     embed_gpus=embed_gpus, embed_precision=embed_precision)
+    actors = pool_size(cfg, ray.cluster_resources())
+    require_embedding_gpus(cfg, actors)
+    require_embedding_cpus(cfg, actors)
+    bm = _backend_model(doc, model, backend, cfg.resolved_cache_dir() / "models")
     totals = {"rows": 0, "dropped": 0, "replaced": 0}
     sizes = np.zeros(len(C), dtype=np.int64)
     with atomic_output(output, overwrite, marker="assignment.json") as tmp:
         with rnb_errors_from_ray(), ordered_execution():
             ds = corpus.dataset().map_batches(
                 Embedder,
-                fn_constructor_kwargs={"model_path": model.path, "text_column": corpus.text_column,
-                                       "threads": embed_threads, "batch_size": embed_batch_size},
+                fn_constructor_kwargs=embedder_args(model, bm, cfg, corpus.text_column, doc.get("max_seq_length")),
                 compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1), num_cpus=embed_threads, batch_size=embed_batch_size,
-                batch_format="pyarrow",
+                batch_format="pyarrow", **gpu_args(cfg),
             ).map_batches(_assign_write, fn_kwargs={"data_dir": tmp.child("data"), "centroids": C.astype(np.float64),
                                                     "metric": doc["metric"], "filesystem": tmp.fs},
                           batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=0)
@@ -174,6 +226,7 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
         domains_ref = domains_json if storage.is_uri(domains_json) else Path(domains_json).expanduser().absolute()
         result = {"domains": str(domains_ref), "input": str(input), "k": int(doc["k"]),
                   "model": doc["model"], "metric": doc["metric"], "text_column": corpus.text_column,
+                  "embed_backend": backend,
                   "n_documents": totals["rows"], "n_dropped_empty": totals["dropped"],
                   "n_replaced_utf8": totals["replaced"], "sizes": {str(d): int(sizes[d]) for d in range(len(C))}}
         tmp.write_text("assignment.json", json.dumps(result, indent=2) + "\n")

@@ -26,6 +26,7 @@ from rnb_ray.atomic import atomic_dir
 from rnb_ray.corpus import FILE_SHIFT, REPLACED, ROW_ID, Corpus, open_corpus
 from rnb_ray.errors import RnbError
 from rnb_ray.ray_env import ordered_execution, require_resources, rnb_errors_from_ray
+from rnb_ray.regroup import backends
 from rnb_ray.regroup.config import RegroupConfig
 from rnb_ray.regroup.embed import (
     EMB_ROW_ID,
@@ -72,6 +73,9 @@ class EmbeddingSet:
     corpus: Corpus = field(repr=False)
     cache_hit: bool = False
     seconds: float = 0.0
+    backend: str = "torch"  # --embed-backend the embeddings were made with
+    precision: str = "fp32"
+    backend_model: dict[str, Any] | None = None  # the derived model used (backends.BackendModel.record())
 
     def files(self) -> list[str]:
         return [str(self.path / p.file) for p in self.parts]
@@ -102,14 +106,56 @@ def corpus_for(cfg: RegroupConfig) -> Corpus:
     return open_corpus(input_path, cfg.text_column, domain_column)
 
 
-def cache_key(corpus: Corpus, model: ModelRef, max_seq_length: int | None) -> tuple[str, dict]:
+def cache_key(corpus: Corpus, model: ModelRef, max_seq_length: int | None, backend: str = "torch",
+              precision: str = "fp32") -> tuple[str, dict]:
+    """The entry's key and the settings it hashes. The backend enters only when it is not torch in fp32
+    (``backends.backend_settings``), so entries written before backends existed keep their keys."""
     settings = {
         "version": CACHE_VERSION,
         "corpus": {"format": corpus.format, "files": [list(f) for f in corpus.fingerprint]},
         "text_column": corpus.text_column,
         **embedding_settings(model, max_seq_length),
+        **backends.backend_settings(backend, precision),
     }
     return settings_key(settings), settings
+
+
+def pool_size(cfg: RegroupConfig | Any, cluster: dict[str, float]) -> int:
+    """Actors in the embedding pool: ``embed_actors``, else as many as the CPUs (and, with GPUs, the GPUs) fit."""
+    if cfg.embed_actors:
+        return cfg.embed_actors
+    actors = max(1, int(cluster.get("CPU", 1)) // cfg.embed_threads)
+    if cfg.embed_gpus > 0:
+        actors = min(actors, max(1, int(cluster.get("GPU", 0.0) / cfg.embed_gpus + 1e-9)))
+    return actors
+
+
+def require_embedding_gpus(cfg: RegroupConfig | Any, actors: int) -> None:
+    """With ``embed_gpus``: fail at once (not a Ray Data pool waiting forever) on a cluster without the GPUs."""
+    if cfg.embed_gpus > 0:
+        require_resources(gpus=actors * cfg.embed_gpus, what=f"embedding ({actors} actor(s) × {cfg.embed_gpus:g} GPU)",
+                          fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
+
+
+def require_embedding_cpus(cfg: RegroupConfig | Any, actors: int) -> None:
+    require_resources(cpus=actors * cfg.embed_threads, what=f"embedding ({actors} actor(s) × {cfg.embed_threads} CPU)")
+
+
+def embedder_args(model: ModelRef, bm: backends.BackendModel, cfg: RegroupConfig | Any, text_column: str,
+                  max_seq_length: int | None) -> dict[str, Any]:
+    """``Embedder``'s constructor arguments for these settings (regroup and assign build the same pool)."""
+    kwargs: dict[str, Any] = {"model_path": model.path, "text_column": text_column, "threads": cfg.embed_threads,
+                              "batch_size": cfg.embed_batch_size, "max_seq_length": max_seq_length}
+    if bm.backend != "torch":
+        kwargs.update(backend=bm.backend, backend_path=bm.path)
+    if cfg.embed_gpus > 0:
+        kwargs.update(device="cuda", precision=cfg.embed_precision)
+    return kwargs
+
+
+def gpu_args(cfg: RegroupConfig | Any) -> dict[str, Any]:
+    """``map_batches``' GPU request (none on CPU, so the torch CPU path calls Ray exactly as before)."""
+    return {"num_gpus": cfg.embed_gpus} if cfg.embed_gpus > 0 else {}
 
 
 def _write_cache_part(batch: pa.Table, directory: str) -> pa.Table:
@@ -135,7 +181,9 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
     The cache entry is ``<cache_dir>/<key>/part-*.parquet`` (``row_id`` int64 in input order,
     ``embedding`` fixed_size_list<float32>[dim], L2-normalised) plus ``meta.json``; the key hashes the
     corpus fingerprint (paths, sizes, mtimes), text column, model (name and files) and max_seq_length.
-    Batch size and actor counts do not change the key (they do not change the embeddings).
+    Batch size, actor counts and GPUs do not change the key (they do not change the embeddings); the backend
+    (``--embed-backend``) and a precision other than fp32 do. A backend other than torch is made ready first
+    (``backends.prepare``: ONNX export / static distillation, once, on the driver).
 
     Raises RnbError for bad input before any Ray work, and when every text is empty.
     """
@@ -143,22 +191,29 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
     from ray.data import ActorPoolStrategy
 
     cfg.validate()
+    backends.require_packages(cfg.embed_backend)
     corpus = corpus_for(cfg)
     model = resolve_model(cfg.model)
-    key, settings = cache_key(corpus, model, cfg.max_seq_length)
+    actors = pool_size(cfg, ray.cluster_resources())
+    require_embedding_gpus(cfg, actors)  # a GPU asked of a cluster without one fails here, at once
+    key, settings = cache_key(corpus, model, cfg.max_seq_length, cfg.embed_backend, cfg.embed_precision)
     cache_root = cfg.resolved_cache_dir()
     entry = cache_root / key
     if (entry / "meta.json").exists():
         emb = _load_entry(entry, corpus, cache_hit=True)
+        if emb.backend != "torch":  # the key has the model's fingerprint (file sizes); the record has its content
+            backends.check_made_from(emb.backend_model, model, where=str(entry))
         log.info("embedding cache hit: %s (%d documents, dim %d)", entry, emb.n, emb.dim)
         _check_nonempty(emb, corpus)
         return emb
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = cfg.embed_actors or max(1, cpus // cfg.embed_threads)
-    require_resources(cpus=actors * cfg.embed_threads, what=f"embedding ({actors} actor(s) × {cfg.embed_threads} CPU)")
-    log.info("embedding %s with %s: %d actor(s) × %d thread(s), batch %d → %s", corpus.input, model.name, actors,
-             cfg.embed_threads, cfg.embed_batch_size, entry)
+    require_embedding_cpus(cfg, actors)
+    # ONNX export / static distillation: once, here on the driver, before any actor starts
+    bm = backends.prepare(model, cfg.embed_backend, cache_root / "models")
+    log.info("embedding %s with %s (%s%s): %d actor(s) × %d thread(s)%s, batch %d → %s", corpus.input, model.name,
+             cfg.embed_backend, f", {cfg.embed_precision}" if cfg.embed_precision != "fp32" else "", actors,
+             cfg.embed_threads, f" × {cfg.embed_gpus:g} GPU" if cfg.embed_gpus > 0 else "", cfg.embed_batch_size,
+             entry)
     t0 = time.perf_counter()
     # if_exists="keep": a concurrent run that filled the same entry first wins (same key, same embeddings)
     with atomic_dir(entry, if_exists="keep") as tmp:
@@ -168,13 +223,12 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
             ds = corpus.dataset(columns=[corpus.text_column])
             ds = ds.map_batches(
                 Embedder,
-                fn_constructor_kwargs={"model_path": model.path, "text_column": corpus.text_column,
-                                       "threads": cfg.embed_threads, "batch_size": cfg.embed_batch_size,
-                                       "max_seq_length": cfg.max_seq_length},
+                fn_constructor_kwargs=embedder_args(model, bm, cfg, corpus.text_column, cfg.max_seq_length),
                 compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                 num_cpus=cfg.embed_threads,
                 batch_size=cfg.embed_batch_size,
                 batch_format="pyarrow",
+                **gpu_args(cfg),
             )
             ds = ds.map_batches(_write_cache_part, fn_kwargs={"directory": str(tmp)}, batch_size=CACHE_PART_ROWS,
                                 batch_format="pyarrow", num_cpus=0)
@@ -194,6 +248,8 @@ def embed_corpus(cfg: RegroupConfig) -> EmbeddingSet:
             "input": corpus.input, "text_column": corpus.text_column, "dim": dim, "n": totals["rows"],
             "n_rows": totals["rows_read"], "n_dropped_empty": totals["empty"],
             "n_replaced_utf8": totals["replaced"], "seconds": seconds,
+            "embed_backend": cfg.embed_backend, "embed_precision": cfg.embed_precision,
+            "backend_model": bm.record(),
             "parts": [p.__dict__ for p in parts],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -209,7 +265,8 @@ def _load_entry(entry: Path, corpus: Corpus, cache_hit: bool) -> EmbeddingSet:
     parts = tuple(CachePart(**p) for p in meta["parts"])
     return EmbeddingSet(entry, meta["key"], meta["n"], meta["dim"], meta["n_rows"], meta["n_dropped_empty"],
                         meta["n_replaced_utf8"], meta["model"], meta["text_column"], parts, corpus, cache_hit,
-                        meta["seconds"])
+                        meta["seconds"], meta.get("embed_backend", "torch"), meta.get("embed_precision", "fp32"),
+                        meta.get("backend_model"))
 
 
 def _check_nonempty(emb: EmbeddingSet, corpus: Corpus) -> None:

@@ -2,7 +2,10 @@
 
 ``Embedder`` is the ``fn`` of ``ds.map_batches(Embedder, compute=ActorPoolStrategy(size=n), num_cpus=t)``:
 the model loads once per actor in ``__init__`` and torch uses exactly the ``t`` CPUs the actor was
-given (no oversubscription). Embeddings are L2-normalised float32. Empty or whitespace-only texts get
+given (no oversubscription); with ``num_gpus`` it runs on the GPU Ray assigned it (``device="cuda"``, fp32/fp16/bf16).
+``backend`` selects what computes the vectors (``backends.py``): the model in torch, its ONNX export
+(``onnx``/``onnx-int8``, ``encoders.OnnxEncoder``) or a static embedder distilled from it (``encoders.StaticEncoder``).
+Embeddings are L2-normalised float32. Empty or whitespace-only texts get
 no embedding; they are flagged so the stage can drop and count them.
 
 Each batch is embedded in length order: the texts are tokenized once to count their tokens, grouped into
@@ -90,8 +93,12 @@ def resolve_model(model: str | None) -> ModelRef:
                            fix="check the name, or pass a local model directory") from e2
 
 
-def load_model(path: str, threads: int | None = None, max_seq_length: int | None = None):
-    """A SentenceTransformer on CPU from a local path, with torch limited to ``threads`` threads."""
+def load_model(path: str, threads: int | None = None, max_seq_length: int | None = None, device: str = "cpu",
+               precision: str = "fp32"):
+    """A SentenceTransformer from a local path, with torch limited to ``threads`` threads.
+
+    ``device`` "cuda" puts it on the GPU Ray gave the actor; ``precision`` fp16/bf16 casts its weights there.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -105,7 +112,15 @@ def load_model(path: str, threads: int | None = None, max_seq_length: int | None
         pass
     if threads is not None:
         torch.set_num_threads(threads)
-    model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RnbError(f"this embedding actor was given a GPU by Ray but torch sees none (torch {torch.__version__}, "
+                       f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
+                       fix="install a CUDA build of torch on the GPU nodes, or drop --embed-gpus")
+    model = SentenceTransformer(path, device=device, local_files_only=True)
+    if precision == "fp16":
+        model.half()
+    elif precision == "bf16":
+        model.to(torch.bfloat16)
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     return model
@@ -195,8 +210,21 @@ class Embedder:
     """
 
     def __init__(self, model_path: str, text_column: str, threads: int = 1, batch_size: int = 128,
-                 max_seq_length: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS):
-        self.model = load_model(model_path, threads, max_seq_length)
+                 max_seq_length: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, backend: str = "torch",
+                 backend_path: str | None = None, device: str = "cpu", precision: str = "fp32"):
+        self.backend = backend
+        if backend == "torch":
+            self.model = load_model(model_path, threads, max_seq_length, device, precision)
+        elif backend in ("onnx", "onnx-int8"):
+            from rnb_ray.regroup.encoders import OnnxEncoder
+
+            self.model = OnnxEncoder(str(backend_path), threads, max_seq_length)
+        elif backend == "static":
+            from rnb_ray.regroup.encoders import StaticEncoder
+
+            self.model = StaticEncoder(str(backend_path), max_seq_length)
+        else:
+            raise RnbError(f"unknown embedding backend {backend!r}", where="--embed-backend")
         self.text_column = text_column
         self.batch_size = batch_size
         self.max_tokens = max_tokens
@@ -215,6 +243,8 @@ class Embedder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-normalised embeddings of non-empty texts, in their order (length-sorted passes inside)."""
+        if self.backend == "static":  # no padding to save: one pass over the whole batch
+            return self.model.encode(texts)
         return encode_by_length(self.model, texts, self.batch_size, self.max_tokens)
 
 

@@ -35,6 +35,7 @@ from rnb_ray.errors import RnbError
 from rnb_ray.outputs import atomic_output, check_output_dir, ensure_dir
 from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
+from rnb_ray.regroup.backends import require_packages
 from rnb_ray.regroup.cache import CacheLookup, EmbeddingSet, corpus_for, embed_corpus
 from rnb_ray.regroup.clustering import KMeansResult
 from rnb_ray.regroup.config import RegroupConfig
@@ -186,7 +187,11 @@ def domains_document(cfg: RegroupConfig, emb: EmbeddingSet, kmr: KMeansResult, s
         "embeddings": str(emb.path),
         "input": emb.corpus.input,
         "model_path": resolve_model(cfg.model).path,
+        "max_seq_length": cfg.max_seq_length,
         "seed": cfg.seed,
+        "embed_backend": emb.backend,
+        "embed_precision": emb.precision,
+        "backend_model": emb.backend_model,
     })
 
 
@@ -236,6 +241,7 @@ class RegroupResult:
 def validate(cfg: RegroupConfig) -> Corpus:
     """Every check that needs no Ray: settings, output directory, model, corpus. Returns the corpus."""
     cfg.validate()
+    require_packages(cfg.embed_backend)
     check_output_dir(cfg.output, cfg.overwrite)
     resolve_model(cfg.model)
     return corpus_for(cfg)

@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rnb_ray.errors import RnbError
+from rnb_ray.regroup.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_PRECISION,
+    EMBED_BACKEND_HELP,
+    EMBED_GPUS_HELP,
+    EMBED_PRECISION_HELP,
+    EmbedBackend,
+    EmbedPrecision,
+    check_embed_phases,
+)
 
 SWEEP_STRATEGIES = ("stratified", "rnb")
 
@@ -36,6 +46,13 @@ class SweepConfig:
         default=None, metadata={"help": "original domain column, for the cross-tab (optional)"})
     model: str | None = field(default=None, metadata={"help": "sentence-transformers model (default: MiniLM)"})
     cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default: next to output)"})
+    embed_backend: EmbedBackend = field(default=DEFAULT_BACKEND, metadata={"help": EMBED_BACKEND_HELP.replace(
+        "embedding backend:", "embedding backend of the regrouped corpus (write_best) and, unless "
+        "--sweep-embed-backend, of the trials:")})
+    sweep_embed_backend: EmbedBackend | None = field(default=None, metadata={"help": (
+        "embedding backend of the trials' clustering (default: --embed-backend); e.g. static for a cheap sweep")})
+    embed_gpus: float = field(default=0.0, metadata={"help": EMBED_GPUS_HELP})
+    embed_precision: EmbedPrecision = field(default=DEFAULT_PRECISION, metadata={"help": EMBED_PRECISION_HELP})
     max_iter: int = field(default=50, metadata={"help": "k-means iterations per trial"})
     # Proxy model settings (the rest comes from TrainConfig defaults or --train-config).
     train_config: str | None = field(
@@ -86,6 +103,12 @@ class SweepConfig:
                            where="--silhouette-sample")
         if self.max_iter <= 0:
             raise RnbError(f"max_iter must be positive, got {self.max_iter}", where="--max-iter")
+        check_embed_phases(self.embed_backend, self.sweep_embed_backend, self.embed_gpus, self.embed_precision)
+
+    @property
+    def trial_backend(self) -> str:
+        """The backend the trials' embeddings are made with."""
+        return self.sweep_embed_backend or self.embed_backend
 
     def grid(self) -> list[dict]:
         """Every (k, λ, strategy) combination; λ only varies for rnb (stratified ignores it)."""

@@ -59,7 +59,7 @@ from rnb_ray.errors import RnbError
 from rnb_ray.ray_env import require_resources, rnb_errors_from_ray
 from rnb_ray.regroup.cache import embed_corpus
 from rnb_ray.regroup.clustering import SEED_SAMPLE
-from rnb_ray.regroup.config import RegroupConfig
+from rnb_ray.regroup.config import RegroupConfig, phase_settings
 from rnb_ray.regroup.regroup import regroup
 from rnb_ray.regroup.regroup import validate as validate_regroup
 from rnb_ray.storage import refuse_uris
@@ -101,14 +101,30 @@ def _validate_input(cfg: SweepConfig) -> TrialPlan:
     rcfg = RegroupConfig(
         input=cfg.input, output=str(out / "regrouped"), text_column=cfg.text_column, domain_column=cfg.domain_column,
         model=cfg.model, cache_dir=cfg.cache_dir, seed=cfg.seed, max_iter=cfg.max_iter, k=max(cfg.k),
-        seed_sample=max(SEED_SAMPLE, max(cfg.k)), overwrite=True)
+        seed_sample=max(SEED_SAMPLE, max(cfg.k)), overwrite=True,
+        **phase_settings(cfg.trial_backend, cfg.embed_gpus, cfg.embed_precision))
     corpus = validate_regroup(rcfg)
+    if cfg.write_best:
+        validate_regroup(final_regroup_config(cfg, rcfg, max(cfg.k)))
     if corpus.num_rows is not None:
         cfg.validate(n_documents=corpus.num_rows)
     fail_k = tuple(int(x) for x in os.environ.get(FAIL_ENV, "").split(",") if x.strip())
     return TrialPlan(regroup=rcfg, train=proxy_train_config(cfg),  # a bad --train-config fails here
                      silhouette_sample=cfg.silhouette_sample, cpus_per_trial=cfg.cpus_per_trial,
                      trials_dir=str(out / "trials"), fail_k=fail_k)
+
+
+def final_regroup_config(cfg: SweepConfig, rcfg: RegroupConfig, k: int) -> RegroupConfig:
+    """The regroup of the corpus at the best k (write_best): the trials' settings, with ``--embed-backend``."""
+    return dataclasses.replace(rcfg, k=k, **phase_settings(cfg.embed_backend, cfg.embed_gpus, cfg.embed_precision))
+
+
+def require_embedding_gpus(cfg: SweepConfig) -> None:
+    """GPUs asked for either embedding (trials, or write_best's regroup) fail at once on a cluster without them."""
+    phases = [cfg.trial_backend] + ([cfg.embed_backend] if cfg.write_best else [])
+    if cfg.embed_gpus > 0 and "torch" in phases:
+        require_resources(gpus=cfg.embed_gpus, what=f"embedding ({cfg.embed_gpus:g} GPU per actor)",
+                          fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
 
 
 def _error_text(err: BaseException | None) -> str | None:
@@ -154,7 +170,9 @@ def _check_resumable(out: Path, cfg: SweepConfig) -> bool:
         return False
     ignore = {"output", "resume", "write_best"}
     if saved.is_file():
-        old = {k: v for k, v in json.loads(saved.read_text(encoding="utf-8")).items() if k not in ignore}
+        defaults = to_dict(SweepConfig())  # settings added since that sweep was written: their defaults
+        old = {k: v for k, v in {**defaults, **json.loads(saved.read_text(encoding="utf-8"))}.items()
+               if k not in ignore}
         new = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
         if old != new:
             diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -184,6 +202,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
                 shutil.rmtree(out / stale)
     save_config(cfg, out / "config.json")
     require_resources(cpus=cfg.cpus_per_trial, what=f"a sweep trial ({cfg.cpus_per_trial:g} CPU)")
+    require_embedding_gpus(cfg)
 
     t0 = time.perf_counter()
     with rnb_errors_from_ray():
@@ -248,7 +267,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
            "best": best.to_dict() if best else None, "n_documents": emb.n,
            "heldout_documents": int(data.heldout.sum()), "seconds_tune": tune_seconds,
            "seconds_total": time.perf_counter() - t0, "concurrent_trials": concurrent,
-           "cpus_per_trial": cfg.cpus_per_trial, "embeddings": str(emb.path)}
+           "cpus_per_trial": cfg.cpus_per_trial, "embeddings": str(emb.path), "embed_backend": emb.backend}
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(csv_rows(rows))
     atomic.write_text(out / "results.csv", buf.getvalue())
@@ -258,7 +277,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
                        where=str(out / "tune"), fix="read the errors above; fix the input or the settings")
     best_doc = {**best.to_dict(), "trial_steps": cfg.trial_steps}
     if cfg.write_best:
-        rbest = dataclasses.replace(rcfg, k=best.k, output=str(out / "regrouped"), overwrite=True)
+        rbest = dataclasses.replace(final_regroup_config(cfg, rcfg, best.k), output=str(out / "regrouped"),
+                                    overwrite=True)
         with rnb_errors_from_ray():
             regroup(rbest)
         best_doc["regrouped"] = str(out / "regrouped")
