@@ -27,13 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rnb_ray import atomic, ray_env
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.config import from_dict, read_settings, to_dict
 from rnb_ray.errors import RnbError
 from rnb_ray.regroup.config import RegroupConfig
+from rnb_ray.regroup.distributed import kmeans_device
 from rnb_ray.regroup.regroup import regroup
 from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
 from rnb_ray.storage import refuse_uris
@@ -68,6 +69,9 @@ class PipelineConfig:
     train_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON TrainConfig for the sweep trials and the final run"})
     cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default: RUN/.rnb-cache)"})
+    kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": (
+        "where k-means runs in the sweep and the regroup: cpu, cuda (an error at once without a GPU) or auto "
+        "(cuda when the cluster has a GPU); not part of the stages' settings hash")})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
 
@@ -207,13 +211,15 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         strategy=tuple(cfg.sweep_strategy), trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
         grace_steps=min(cfg.sweep_eval_every * 2, cfg.trial_steps), text_column=cfg.text_column,
         domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, train_config=cfg.train_config,
-        write_best=False, seed=cfg.seed)
+        write_best=False, seed=cfg.seed, kmeans_device=cfg.kmeans_device)
     sweep_cfg.validate()
 
     ray_env.connect(address)
+    kmeans_device(cfg.kmeans_device)  # --kmeans-device cuda on a cluster without a GPU fails here, before any stage
 
     # sweep ----------------------------------------------------------------------------------------------
-    sweep_settings = {k: v for k, v in to_dict(sweep_cfg).items() if k not in ("output", "resume")}
+    # where k-means runs is not what it computes: a device change alone keeps the stages
+    sweep_settings = {k: v for k, v in to_dict(sweep_cfg).items() if k not in ("output", "resume", "kmeans_device")}
     sweep_settings["train_config"] = train_file  # the content, not the file name
     sweep_hash = stages.stage("sweep", sweep_settings, [corpus_hash],
                               lambda d: run_sweep(dataclasses.replace(sweep_cfg, output=str(d)), log=log),
@@ -223,7 +229,8 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
 
     # regroup at the best k --------------------------------------------------------------------------------
     regroup_cfg = RegroupConfig(output="", input=corpus, k=best_k, text_column=cfg.text_column,
-                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed)
+                                domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed,
+                                kmeans_device=cfg.kmeans_device)
     regroup_settings = {k: getattr(regroup_cfg, k) for k in REGROUP_SETTINGS if getattr(regroup_cfg, k) is not None}
     regroup_hash = stages.stage("regroup", regroup_settings, [corpus_hash, sweep_hash],
                                 lambda d: regroup(dataclasses.replace(regroup_cfg, output=str(d))))

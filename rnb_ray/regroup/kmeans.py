@@ -194,6 +194,11 @@ def farthest_points(X: np.ndarray, row_ids: np.ndarray, C: np.ndarray, metric: M
     if m <= 0 or len(X) == 0:
         return []
     labels, dist = assign(X, C, metric)
+    return pick_farthest(X, row_ids, labels, dist, m)
+
+
+def pick_farthest(X: np.ndarray, row_ids: np.ndarray, labels: np.ndarray, dist: np.ndarray, m: int) -> list[FarPoint]:
+    """The ``m`` rows with the largest ``dist`` to their centroid ``labels`` (ties: lower row id first)."""
     order = np.lexsort((row_ids, -dist))[:m]
     return [FarPoint(-float(dist[i]), int(row_ids[i]), int(labels[i]), X[i].astype(np.float64)) for i in order]
 

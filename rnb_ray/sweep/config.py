@@ -37,6 +37,9 @@ class SweepConfig:
     model: str | None = field(default=None, metadata={"help": "sentence-transformers model (default: MiniLM)"})
     cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default: next to output)"})
     max_iter: int = field(default=50, metadata={"help": "k-means iterations per trial"})
+    kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": (
+        "where each trial's k-means runs: cpu (numpy), cuda (torch; trials share the cluster's GPUs; an error "
+        "at once without one) or auto (cuda when the cluster has a GPU)")})
     # Proxy model settings (the rest comes from TrainConfig defaults or --train-config).
     train_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON TrainConfig whose settings every proxy run starts from"})
