@@ -126,6 +126,24 @@ def check_settings(k: int, metric: str) -> None:
         raise RnbError(f"k must be at least 1, got {k}", fix="pass --k 2 or more")
 
 
+def local_device(device: str) -> str:
+    """``device`` for a fit in this process: ``auto`` → ``cuda`` when this process sees a GPU, else ``cpu``;
+    ``cuda`` without one is an ``RnbError``."""
+    if device not in DEVICES:
+        raise RnbError(f"unknown k-means device {device!r}", where="--kmeans-device",
+                       fix=f"use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return device
+    from rnb_ray.regroup.kmeans_torch import cuda_available
+
+    if cuda_available():
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    raise RnbError("k-means on cuda, but this process sees no GPU", where="--kmeans-device",
+                   fix="pass --kmeans-device cpu (or auto), or run where a GPU is visible")
+
+
 def fit(backend: Backend, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100, tol: float = 1e-4,
         sample_size: int = SEED_SAMPLE, init: np.ndarray | None = None, verbose: bool = False) -> KMeansResult:
     """k-means++ on ``backend``'s seeding sample (or ``init``), then Lloyd until the shift is below tolerance.
@@ -192,13 +210,7 @@ def fit_array(X: np.ndarray, k: int, *, metric: str = "cosine", seed: int = 0, m
     ``row_ids`` (default: positions) choose the seeding sample. ``device``: ``cpu`` (numpy), ``cuda`` (torch
     on this process's GPU) or ``auto`` (cuda when this process sees a GPU). Centroids are float64.
     """
-    if device not in DEVICES:
-        raise RnbError(f"unknown k-means device {device!r}", fix=f"use one of {', '.join(DEVICES)}")
-    if device == "auto":
-        from rnb_ray.regroup.kmeans_torch import resolve_device
-
-        device = resolve_device(device)
-    backend = ArrayBackend(X, row_ids, device)
+    backend = ArrayBackend(X, row_ids, local_device(device))
     res = fit(backend, k, metric=metric, seed=seed, max_iter=max_iter, tol=tol, sample_size=sample_size, init=init)
     res.labels, _ = backend.assign(res.centroids, metric)
     return res

@@ -29,19 +29,10 @@ RESIDENT_FRACTION = 0.5  # rows stay on the device when they take at most this s
 
 
 def cuda_available() -> bool:
-    """Whether this process sees a CUDA device (False without torch)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
+    """Whether this process sees a CUDA device."""
+    import torch
+
     return bool(torch.cuda.is_available())
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when this process sees a GPU, else ``cpu``; ``cpu``/``cuda`` unchanged."""
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    return device
 
 
 @contextlib.contextmanager
