@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rnb_ray import atomic, ray_env
 from rnb_ray.balance.config import TrainConfig
@@ -44,6 +44,7 @@ from rnb_ray.regroup.config import (
     check_embed_phases,
     phase_settings,
 )
+from rnb_ray.regroup.distributed import kmeans_device
 from rnb_ray.regroup.regroup import regroup
 from rnb_ray.sample import SAMPLE_MODULES, write_sample_corpus
 from rnb_ray.storage import refuse_uris
@@ -89,6 +90,9 @@ class PipelineConfig:
         "of the corpus (README: Embedding backends)")})
     embed_gpus: float = field(default=0.0, metadata={"help": EMBED_GPUS_HELP})
     embed_precision: EmbedPrecision = field(default=DEFAULT_PRECISION, metadata={"help": EMBED_PRECISION_HELP})
+    kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": (
+        "where k-means runs in the sweep and the regroup: cpu, cuda (an error at once without a GPU) or auto "
+        "(cuda when the cluster has a GPU); not part of the stages' settings hash")})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
 
@@ -233,17 +237,20 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
         strategy=tuple(cfg.sweep_strategy), trial_steps=cfg.trial_steps, eval_every=cfg.sweep_eval_every,
         grace_steps=min(cfg.sweep_eval_every * 2, cfg.trial_steps), text_column=cfg.text_column,
         domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, train_config=cfg.train_config,
-        write_best=False, seed=cfg.seed, **phase_settings(cfg.sweep_backend, cfg.embed_gpus, cfg.embed_precision))
+        write_best=False, seed=cfg.seed, kmeans_device=cfg.kmeans_device,
+        **phase_settings(cfg.sweep_backend, cfg.embed_gpus, cfg.embed_precision))
     sweep_cfg.validate()
 
     ray_env.connect(address)
     if cfg.embed_gpus > 0:  # fail at once, not after the sweep when the final regroup wants the GPU
         ray_env.require_resources(gpus=cfg.embed_gpus, what=f"embedding ({cfg.embed_gpus:g} GPU per actor)",
-                                  fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
+                                  gpu_fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
+    kmeans_device(cfg.kmeans_device)  # --kmeans-device cuda on a cluster without a GPU fails here, before any stage
 
     # sweep ----------------------------------------------------------------------------------------------
+    # where k-means runs is not what it computes: a device change alone keeps the stages
     sweep_settings = _drop_defaults({k: v for k, v in to_dict(sweep_cfg).items()
-                                     if k not in ("output", "resume", "embed_gpus")})
+                                     if k not in ("output", "resume", "embed_gpus", "kmeans_device")})
     sweep_settings["train_config"] = train_file  # the content, not the file name
     sweep_hash = stages.stage("sweep", sweep_settings, [corpus_hash],
                               lambda d: run_sweep(dataclasses.replace(sweep_cfg, output=str(d)), log=log),
@@ -254,6 +261,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     # regroup at the best k --------------------------------------------------------------------------------
     regroup_cfg = RegroupConfig(output="", input=corpus, k=best_k, text_column=cfg.text_column,
                                 domain_column=domain_column, model=cfg.model, cache_dir=cache_dir, seed=cfg.seed,
+                                kmeans_device=cfg.kmeans_device,
                                 **phase_settings(cfg.embed_backend, cfg.embed_gpus, cfg.embed_precision))
     regroup_settings = {k: getattr(regroup_cfg, k) for k in REGROUP_SETTINGS if getattr(regroup_cfg, k) is not None}
     regroup_settings.update(_drop_defaults({k: getattr(regroup_cfg, k) for k in EMBED_SETTINGS

@@ -101,8 +101,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def require_resources(*, cpus: float = 0, gpus: float = 0, what: str, fix: str | None = None) -> None:
-    """Raise at once if the cluster can never satisfy ``cpus``/``gpus`` for ``what`` (``fix``: the GPU hint)."""
+def require_resources(*, cpus: float = 0, gpus: float = 0, what: str, gpu_fix: str | None = None) -> None:
+    """Raise at once if the cluster can never satisfy ``cpus``/``gpus`` for ``what`` (``gpu_fix``: the
+    advice when GPUs are missing; default: drop --use-gpu)."""
     import ray
 
     total = ray.cluster_resources()
@@ -115,7 +116,7 @@ def require_resources(*, cpus: float = 0, gpus: float = 0, what: str, fix: str |
     if gpus > have_gpu:
         raise RnbError(
             f"{what} needs {gpus:g} GPUs but the Ray cluster has {have_gpu:g}",
-            fix=fix or "drop --use-gpu, or add GPU nodes to the cluster",
+            fix=gpu_fix or "drop --use-gpu, or add GPU nodes to the cluster",
         )
 
 

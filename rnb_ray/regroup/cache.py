@@ -134,7 +134,7 @@ def require_embedding_gpus(cfg: RegroupConfig | Any, actors: int) -> None:
     """With ``embed_gpus``: fail at once (not a Ray Data pool waiting forever) on a cluster without the GPUs."""
     if cfg.embed_gpus > 0:
         require_resources(gpus=actors * cfg.embed_gpus, what=f"embedding ({actors} actor(s) × {cfg.embed_gpus:g} GPU)",
-                          fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
+                          gpu_fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
 
 
 def require_embedding_cpus(cfg: RegroupConfig | Any, actors: int) -> None:

@@ -29,6 +29,7 @@ from rnb_ray.regroup import kmeans as km
 log = logging.getLogger(__name__)
 
 SEED_SAMPLE = 20_000  # rows sampled for k-means++ seeding (driver memory is SEED_SAMPLE × d)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # where the Lloyd steps run (kmeans_torch.py on cuda)
 SILHOUETTE_SALT = 7919  # the silhouette sample must not be the seeding sample
 
 
@@ -78,12 +79,23 @@ def bottom_rows(row_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 class ArrayBackend:
-    """All rows in one in-memory array: each step is one ``partial_step`` over the whole array."""
+    """All rows in one in-memory array: each step is one ``partial_step`` over the whole array.
 
-    def __init__(self, X: np.ndarray, row_ids: np.ndarray | None = None):
+    ``device="cpu"`` runs the steps in numpy (``kmeans.py``); another torch device (``"cuda"``) runs them in
+    torch (``kmeans_torch.TorchRows``). ``use_torch=True`` forces the torch code on any device (the tests
+    run it on the CPU to compare it with numpy).
+    """
+
+    def __init__(self, X: np.ndarray, row_ids: np.ndarray | None = None, device: str = "cpu",
+                 use_torch: bool | None = None):
         self.X = X
         self.row_ids = np.arange(len(X), dtype=np.int64) if row_ids is None else np.asarray(row_ids, np.int64)
         self.n = len(X)
+        self.torch_rows = None
+        if use_torch or (use_torch is None and device != "cpu"):
+            from rnb_ray.regroup.kmeans_torch import TorchRows
+
+            self.torch_rows = TorchRows(X, device)
 
     def sample(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if size >= self.n:
@@ -92,10 +104,19 @@ class ArrayBackend:
         return self.row_ids[pick], self.X[pick]
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
+        if self.torch_rows is not None:
+            return self.torch_rows.partial(C, metric, with_moments)
         return km.partial_step(self.X, C, metric, with_moments)  # type: ignore[arg-type]
 
     def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
+        if self.torch_rows is not None:
+            return self.torch_rows.far(self.row_ids, C, metric, m)
         return km.farthest_points(self.X, self.row_ids, C, metric, m)  # type: ignore[arg-type]
+
+    def assign(self, C: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.torch_rows is not None:
+            return self.torch_rows.assign(C, metric)
+        return km.assign(self.X, C, metric)  # type: ignore[arg-type]
 
 
 def check_settings(k: int, metric: str) -> None:
@@ -103,6 +124,24 @@ def check_settings(k: int, metric: str) -> None:
         raise RnbError(f"unknown metric {metric!r}", fix=f"use one of {', '.join(km.METRICS)}")
     if k < 1:
         raise RnbError(f"k must be at least 1, got {k}", fix="pass --k 2 or more")
+
+
+def local_device(device: str) -> str:
+    """``device`` for a fit in this process: ``auto`` → ``cuda`` when this process sees a GPU, else ``cpu``;
+    ``cuda`` without one is an ``RnbError``."""
+    if device not in DEVICES:
+        raise RnbError(f"unknown k-means device {device!r}", where="--kmeans-device",
+                       fix=f"use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return device
+    from rnb_ray.regroup.kmeans_torch import cuda_available
+
+    if cuda_available():
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    raise RnbError("k-means on cuda, but this process sees no GPU", where="--kmeans-device",
+                   fix="pass --kmeans-device cpu (or auto), or run where a GPU is visible")
 
 
 def fit(backend: Backend, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100, tol: float = 1e-4,
@@ -165,14 +204,15 @@ def fit(backend: Backend, k: int, *, metric: str = "cosine", seed: int = 0, max_
 
 def fit_array(X: np.ndarray, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100,
               tol: float = 1e-4, sample_size: int = SEED_SAMPLE, init: np.ndarray | None = None,
-              row_ids: np.ndarray | None = None) -> KMeansResult:
+              row_ids: np.ndarray | None = None, device: str = "cpu") -> KMeansResult:
     """k-means in this process on an (n, d) array: ``fit`` on an ``ArrayBackend``, plus every row's label.
 
-    ``row_ids`` (default: positions) choose the seeding sample. Centroids are float64.
+    ``row_ids`` (default: positions) choose the seeding sample. ``device``: ``cpu`` (numpy), ``cuda`` (torch
+    on this process's GPU) or ``auto`` (cuda when this process sees a GPU). Centroids are float64.
     """
-    res = fit(ArrayBackend(X, row_ids), k, metric=metric, seed=seed, max_iter=max_iter, tol=tol,
-              sample_size=sample_size, init=init)
-    res.labels, _ = km.assign(X, res.centroids, metric)  # type: ignore[arg-type]
+    backend = ArrayBackend(X, row_ids, local_device(device))
+    res = fit(backend, k, metric=metric, seed=seed, max_iter=max_iter, tol=tol, sample_size=sample_size, init=init)
+    res.labels, _ = backend.assign(res.centroids, metric)
     return res
 
 

@@ -110,6 +110,9 @@ class RegroupConfig:
     kmeans_engine: Literal["actors", "data"] = field(default="actors", metadata=_help(
         "actors: embeddings held in k-means actors' memory (fast); data: a Ray Data pass per iteration "
         "(for embeddings larger than the cluster's memory)"))
+    kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help(
+        "where the k-means steps run: cpu (numpy), cuda (torch on GPUs: one per k-means actor; an error at "
+        "once on a cluster without GPUs) or auto (cuda when the cluster has a GPU, else cpu)"))
     tol: float = field(default=1e-4, metadata=_help(
         "stop when the squared centroid shift is below tol × mean feature variance (scikit-learn's rule)"))
     seed: int = field(default=0, metadata=_help("random seed (sampling and k-means++)"))

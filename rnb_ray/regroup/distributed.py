@@ -12,6 +12,9 @@ adds the k × d results up; the driver divides. Two engines run the parts:
   store, which spills to disk) — nothing held in worker memory, for data larger than the cluster's
   memory, at the price of a Ray Data execution per iteration.
 
+The per-row work runs in numpy on CPUs, or in torch on GPUs (``device="cuda"``, ``kmeans_torch.py``: each
+actor or task takes one GPU); ``auto`` picks cuda when the cluster has a GPU.
+
 Seeding is k-means++ on a bounded, deterministic sample (rows whose ``hash(row_id, seed)`` is smallest),
 so it does not depend on how the data is split. Empty clusters are re-seeded with the points farthest
 from their centroid (an extra step, only when it happens). Partial sums are added in a fixed order
@@ -22,6 +25,7 @@ The dataset needs the columns ``row_id`` (int64) and ``embedding`` (fixed_size_l
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,10 +36,12 @@ import pyarrow as pa
 from rnb_ray.errors import RnbError
 from rnb_ray.ray_env import ordered_execution, require_resources
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.clustering import SEED_SAMPLE, KMeansResult, bottom_rows, check_settings, fit
+from rnb_ray.regroup.clustering import DEVICES, SEED_SAMPLE, KMeansResult, bottom_rows, check_settings, fit
 from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING, embeddings_array, embeddings_numpy
 
-__all__ = ["KMeansResult", "KMeansShard", "fit_kmeans", "sample_embeddings"]
+__all__ = ["KMeansResult", "KMeansShard", "fit_kmeans", "kmeans_device", "sample_embeddings"]
+
+log = logging.getLogger(__name__)
 
 
 def _block_arrays(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +60,21 @@ def _stream(ds) -> Iterator[Any]:
                 yield pickle.loads(v)
 
 
-def _partial_fn(batch: pa.Table, C: np.ndarray, metric: str, with_moments: bool) -> pa.Table:
+def _partial_fn(batch: pa.Table, C: np.ndarray, metric: str, with_moments: bool, device: str) -> pa.Table:
     _, X = _block_arrays(batch)
+    if device != "cpu":
+        from rnb_ray.regroup.kmeans_torch import TorchRows
+
+        return _one_row(TorchRows(X, device).partial(C, metric, with_moments))
     return _one_row(km.partial_step(X, C, metric, with_moments))  # type: ignore[arg-type]
 
 
-def _far_fn(batch: pa.Table, C: np.ndarray, metric: str, m: int) -> pa.Table:
+def _far_fn(batch: pa.Table, C: np.ndarray, metric: str, m: int, device: str) -> pa.Table:
     ids, X = _block_arrays(batch)
+    if device != "cpu":
+        from rnb_ray.regroup.kmeans_torch import TorchRows
+
+        return _one_row(TorchRows(X, device).far(ids, C, metric, m))
     return _one_row(km.farthest_points(X, ids, C, metric, m))  # type: ignore[arg-type]
 
 
@@ -74,9 +88,10 @@ def _sample_fn(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
     return batch.select([EMB_ROW_ID, EMBEDDING]).take(pa.array(_sample_rows(ids, fraction, seed)))
 
 
-def _map(ds, fn: Callable, **kwargs: Any):
+def _map(ds, fn: Callable, num_gpus: float = 0, **kwargs: Any):
     with ordered_execution(quiet=True):
-        return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=1)
+        return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                              num_gpus=num_gpus or None)
 
 
 def _bottom(tables: list[pa.Table], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +141,10 @@ class _DataBackend:
     object store spills to disk). Each pass pays Ray Data's per-execution start-up.
     """
 
-    def __init__(self, ds, materialize: bool = True):
+    def __init__(self, ds, materialize: bool = True, device: str = "cpu"):
         import ray
 
+        self.device = device
         ds = ds.select_columns([EMB_ROW_ID, EMBEDDING])
         if materialize:
             with ordered_execution(quiet=True):
@@ -144,16 +160,21 @@ class _DataBackend:
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial:
         total: km.Partial | None = None
-        for p in _stream(_map(self.ds, _partial_fn, C=C, metric=metric, with_moments=with_moments)):
+        for p in _stream(_map(self.ds, _partial_fn, self._gpus, C=C, metric=metric, with_moments=with_moments,
+                              device=self.device)):
             total = p if total is None else total + p
         assert total is not None
         return total
 
     def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
         far: list[km.FarPoint] = []
-        for block_far in _stream(_map(self.ds, _far_fn, C=C, metric=metric, m=m)):
+        for block_far in _stream(_map(self.ds, _far_fn, self._gpus, C=C, metric=metric, m=m, device=self.device)):
             far = sorted(far + block_far)[:m]
         return far
+
+    @property
+    def _gpus(self) -> float:
+        return 0 if self.device == "cpu" else 1
 
     def close(self) -> None:
         self.ds = None
@@ -163,12 +184,11 @@ class KMeansShard:
     """A Ray actor holding one shard of the embeddings in memory for the whole fit (Spark-style cache).
 
     Every step is then one method call per actor — milliseconds of overhead instead of a Ray Data
-    execution per iteration — and each actor returns only k × d numbers.
+    execution per iteration — and each actor returns only k × d numbers. With ``device="cuda"`` the shard
+    also goes to the actor's GPU once (``kmeans_torch.TorchRows``) and the steps run there.
     """
 
-    _CHUNK = 65_536  # rows per matrix product: bounds the float64 temporaries
-
-    def __init__(self, shard) -> None:
+    def __init__(self, shard, device: str = "cpu") -> None:
         ids, xs = [], []
         for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
             i, x = _block_arrays(batch)
@@ -176,6 +196,11 @@ class KMeansShard:
             xs.append(x)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.X = np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
+        self.torch_rows = None
+        if device != "cpu" and len(self.ids):
+            from rnb_ray.regroup.kmeans_torch import TorchRows
+
+            self.torch_rows = TorchRows(self.X, device)
 
     def count(self) -> int:
         return len(self.ids)
@@ -187,38 +212,39 @@ class KMeansShard:
         return pa.table({EMB_ROW_ID: pa.array(self.ids[keep]), EMBEDDING: embeddings_array(self.X[keep])})
 
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial | None:
-        total = None
-        for s in range(0, len(self.ids), self._CHUNK):
-            p = km.partial_step(self.X[s:s + self._CHUNK], C, metric, with_moments)  # type: ignore[arg-type]
-            total = p if total is None else total + p
-        return total
+        if not len(self.ids):
+            return None
+        if self.torch_rows is not None:
+            return self.torch_rows.partial(C, metric, with_moments)
+        return km.partial_step(self.X, C, metric, with_moments)  # type: ignore[arg-type]
 
     def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
-        far: list[km.FarPoint] = []
-        for s in range(0, len(self.ids), self._CHUNK):
-            sl = slice(s, s + self._CHUNK)
-            far = sorted(far + km.farthest_points(self.X[sl], self.ids[sl], C, metric, m))[:m]  # type: ignore[arg-type]
-        return far
+        if self.torch_rows is not None:
+            return self.torch_rows.far(self.ids, C, metric, m)
+        return km.farthest_points(self.X, self.ids, C, metric, m)  # type: ignore[arg-type]
 
 
 class _ActorBackend:
     """The embeddings split (deterministically, in block order) over ``num_shards`` KMeansShard actors."""
 
-    def __init__(self, ds, num_shards: int | None):
+    def __init__(self, ds, num_shards: int | None, device: str = "cpu"):
         import ray
 
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        gpus = device != "cpu"
+        # one actor per CPU, or per GPU: a GPU's step over a million rows takes milliseconds
+        slots = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1))
         with ordered_execution(quiet=True):
             mat = ds.select_columns([EMB_ROW_ID, EMBEDDING]).materialize()
             n = mat.count()
             if num_shards is None:
-                num_shards = max(1, min(cpus, n // 2_000 or 1))  # tiny data: fewer actors to start
-            require_resources(cpus=num_shards, what=f"k-means ({num_shards} shard actor(s) × 1 CPU)")
+                num_shards = max(1, min(slots, n // 2_000 or 1))  # tiny data: fewer actors to start
+            require_resources(cpus=num_shards, gpus=num_shards if gpus else 0,
+                              what=f"k-means ({num_shards} shard actor(s) × 1 CPU{' + 1 GPU' if gpus else ''})")
             if mat.num_blocks() < num_shards and n >= num_shards:
                 mat = mat.repartition(num_shards).materialize()
             shards = mat.split(num_shards, equal=False)  # contiguous block ranges: deterministic
-        actor_cls = ray.remote(num_cpus=1)(KMeansShard)
-        self.actors = [actor_cls.remote(s) for s in shards]
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(KMeansShard)
+        self.actors = [actor_cls.remote(s, device) for s in shards]
         counts = ray.get([a.count.remote() for a in self.actors])
         del mat, shards  # the actors hold the data now; let the object store free it
         self.n = int(sum(counts))
@@ -259,9 +285,29 @@ class _ActorBackend:
         self.actors = []
 
 
+def kmeans_device(device: str, num_shards: int | None = None) -> str:
+    """``device`` resolved against the cluster: ``auto`` → ``cuda`` when it has a GPU, else ``cpu``.
+
+    ``cuda`` on a cluster without enough GPUs (one per shard actor) is an ``RnbError`` at once, before any
+    work, not actors waiting forever for a GPU.
+    """
+    import ray
+
+    if device not in DEVICES:
+        raise RnbError(f"unknown k-means device {device!r}", where="--kmeans-device",
+                       fix=f"use one of {', '.join(DEVICES)}")
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if device == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    if device == "cuda":
+        require_resources(gpus=num_shards or 1, what="k-means with --kmeans-device cuda",
+                          gpu_fix="pass --kmeans-device cpu (or auto), or add GPU nodes to the cluster")
+    return device
+
+
 def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: int = 100, tol: float = 1e-4,
                sample_size: int = SEED_SAMPLE, init: np.ndarray | None = None, engine: str = "actors",
-               num_shards: int | None = None, verbose: bool = True) -> KMeansResult:
+               num_shards: int | None = None, device: str = "auto", verbose: bool = True) -> KMeansResult:
     """Distributed k-means (k-means++ seeding on a sample, then exact Lloyd) over a Ray Dataset.
 
     The fit is ``clustering.fit`` (the same seeding and Lloyd loop as ``clustering.fit_array`` in one process),
@@ -282,7 +328,10 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
             whole fit, one method call per actor per step; ``"data"`` runs every step as a streaming
             Ray Data pass over the materialised dataset (object store, spills to disk) — for data that
             does not fit in the cluster's memory, at a higher per-iteration cost.
-        num_shards: actors for ``engine="actors"`` (default: the cluster's CPUs, fewer for tiny data).
+        num_shards: actors for ``engine="actors"`` (default: the cluster's CPUs, or its GPUs on cuda;
+            fewer for tiny data).
+        device: ``"cpu"`` (numpy on CPUs), ``"cuda"`` (torch, one GPU per actor or task; an ``RnbError`` at
+            once when the cluster has too few) or ``"auto"`` (cuda when the cluster has a GPU).
         verbose: log one line per iteration (inertia, shift) at INFO.
 
     Returns:
@@ -292,8 +341,11 @@ def fit_kmeans(ds, k: int, *, metric: str = "cosine", seed: int = 0, max_iter: i
     check_settings(k, metric)
     if engine not in ("actors", "data"):
         raise RnbError(f"unknown k-means engine {engine!r}", fix="use 'actors' or 'data'")
-    backend: _ActorBackend | _DataBackend = _ActorBackend(ds, num_shards) if engine == "actors" \
-        else _DataBackend(ds)
+    device = kmeans_device(device, num_shards if engine == "actors" else None)
+    if verbose:
+        log.info("k-means: k=%d, %s engine, on %s", k, engine, device)
+    backend: _ActorBackend | _DataBackend = _ActorBackend(ds, num_shards, device) if engine == "actors" \
+        else _DataBackend(ds, device=device)
     try:
         res = fit(backend, k, metric=metric, seed=seed, max_iter=max_iter, tol=tol, sample_size=sample_size,
                   init=init, verbose=verbose)

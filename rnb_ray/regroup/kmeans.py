@@ -12,6 +12,11 @@ Metrics (the paper's Regroup step clusters sentence embeddings; both are offered
 
 Inertia is the sum of those distances. Distances use float32 matrix products when the data is float32
 (as the embeddings are); sums and inertia accumulate in float64.
+
+Cost of a Lloyd step on n rows: the assignment is one n × k × d matrix product (in ``CHUNK``-row blocks,
+so memory is ``CHUNK × k`` whatever n); the per-centroid sums add every row once (a sparse indicator
+product, n × d), so k in the thousands costs what the assignment costs. ``kmeans_torch.py`` is the same
+step in torch, for a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from scipy import sparse
 
 Metric = Literal["cosine", "euclidean"]
 METRICS: tuple[str, ...] = ("cosine", "euclidean")
@@ -31,26 +37,60 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
     return X / np.where(norms > 0, norms, 1.0)
 
 
-def assign(X: np.ndarray, C: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+CHUNK = 4096  # rows per distance block: a chunk × k score matrix and the chunk itself stay in cache
+
+
+class Scorer:
+    """Centroids prepared once for many blocks of rows: the assignment step's matrix and a reused buffer.
+
+    A block's scores are one matrix product (BLAS threads do the work) into a ``chunk × k`` buffer, then an
+    argmin/argmax over it, so memory stays ``chunk × k`` whatever the number of rows. Distances use the
+    rows' precision (float32 embeddings: float32 products, as faiss and scikit-learn do); the returned
+    distances are float64.
+    """
+
+    def __init__(self, C: np.ndarray, metric: Metric, dtype: np.dtype, chunk: int = CHUNK):
+        if metric == "cosine":
+            C = normalize_rows(C)  # centroids are unit length already in the algorithm; cheap (k × d)
+        Cx = C.astype(dtype, copy=False)
+        self.metric, self.chunk, self.k = metric, chunk, len(C)
+        if metric == "cosine":
+            self.W = Cx.T
+        else:
+            # argmin ‖x − c‖² = argmin (‖c‖² − 2 x·c). The −2 is folded into the centroids: a power of two, so
+            # the products are exactly −2 × (x·c). ‖x‖² is added back only for the distance itself.
+            self.W = (-2.0 * Cx).T
+            self.c_sq = np.einsum("ij,ij->i", Cx, Cx)
+        self._buf = np.empty((0, self.k), dtype=np.result_type(dtype, Cx.dtype))
+
+    def nearest(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels int64, distance float64)`` of the rows ``x`` (at most ``chunk`` of them); ties: lower id."""
+        if len(self._buf) < len(x):
+            self._buf = np.empty((len(x), self.k), dtype=self._buf.dtype)
+        scores = self._buf[:len(x)]
+        np.matmul(x, self.W, out=scores)
+        rows = np.arange(len(x))
+        if self.metric == "cosine":
+            # rows may not be unit length (user embeddings); cosine uses the direction only
+            labels = np.argmax(scores, axis=1)
+            xn = np.linalg.norm(x, axis=1).astype(np.float64)
+            dist = 1.0 - scores[rows, labels].astype(np.float64) / np.where(xn > 0, xn, 1.0)
+        else:
+            scores += self.c_sq
+            labels = np.argmin(scores, axis=1)
+            x_sq = np.einsum("ij,ij->i", x, x).astype(np.float64)
+            dist = np.maximum(x_sq + scores[rows, labels].astype(np.float64), 0.0)
+        return labels.astype(np.int64, copy=False), dist
+
+
+def assign(X: np.ndarray, C: np.ndarray, metric: Metric, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of every row: ``(labels int64, distance float64)``; ties go to the lower id."""
-    if metric == "cosine":
-        C = normalize_rows(C)  # centroids are unit length already in the algorithm; cheap (k × d)
-    Cx = C.astype(X.dtype, copy=False)
-    if metric == "cosine":
-        # rows may not be unit length (user embeddings); cosine uses the direction only
-        xn = np.linalg.norm(X, axis=1).astype(np.float64)
-        sim = X @ Cx.T
-        labels = np.argmax(sim, axis=1)
-        best = sim[np.arange(len(X)), labels].astype(np.float64)
-        dist = 1.0 - best / np.where(xn > 0, xn, 1.0)
-    else:
-        # argmin ‖x − c‖² = argmin (‖c‖² − 2 x·c); ‖x‖² is added back only for the distance itself
-        c_sq = np.einsum("ij,ij->i", Cx, Cx)
-        scores = c_sq[None, :] - 2.0 * (X @ Cx.T)
-        labels = np.argmin(scores, axis=1)
-        x_sq = np.einsum("ij,ij->i", X, X).astype(np.float64)
-        dist = np.maximum(x_sq + scores[np.arange(len(X)), labels].astype(np.float64), 0.0)
-    return labels.astype(np.int64), dist
+    scorer = Scorer(C, metric, X.dtype, chunk)
+    labels = np.empty(len(X), dtype=np.int64)
+    dist = np.empty(len(X), dtype=np.float64)
+    for s in range(0, len(X), chunk):
+        labels[s:s + chunk], dist[s:s + chunk] = scorer.nearest(X[s:s + chunk])
+    return labels, dist
 
 
 @dataclass
@@ -71,32 +111,53 @@ class Partial:
                        self.n + other.n, moments)
 
 
-def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums of rows (float64) and counts.
+def add_cluster_sums(sums: np.ndarray, x: np.ndarray, labels: np.ndarray) -> None:
+    """``sums[c] += Σ x[i] over labels[i] == c``, in place (float64 ``sums``; ``x`` in its own precision).
 
-    One-hot matrix products in the data's precision over chunks of ``chunk`` rows, accumulated in
-    float64 across chunks: a BLAS call instead of a gather (≈ 20× faster than sorting by label), with
-    float32 rounding only inside a chunk — finer than scikit-learn, which accumulates in float32.
+    A sparse ``k × rows`` indicator matrix (one 1 per column, at the row's label) times the rows: every row
+    is added once to its cluster, so the cost is ``rows × d`` whatever k. (A dense one-hot product costs
+    ``k × rows × d`` — as much as the assignment itself, which doubled the iteration at k in the thousands.)
+    Rows are added in order (deterministic), in the data's precision, and the block's result in float64.
     """
+    m = len(labels)
+    indicator = sparse.csc_matrix((np.ones(m, dtype=x.dtype), labels, np.arange(m + 1)), shape=(len(sums), m))
+    sums += indicator @ x
+
+
+def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums of rows (float64: the data's precision inside a ``chunk``, float64 across chunks —
+    finer than scikit-learn, which accumulates in float32) and counts."""
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     sums = np.zeros((k, X.shape[1]), dtype=np.float64)
     for s in range(0, len(X), chunk):
-        lab = labels[s:s + chunk]
-        onehot = np.zeros((k, len(lab)), dtype=X.dtype)
-        onehot[lab, np.arange(len(lab))] = 1
-        sums += onehot @ X[s:s + chunk]
+        add_cluster_sums(sums, X[s:s + chunk], labels[s:s + chunk])
     return sums, counts
 
 
-def partial_step(X: np.ndarray, C: np.ndarray, metric: Metric, with_moments: bool = False) -> Partial:
-    """One block's share of a Lloyd iteration against centroids ``C``."""
-    labels, dist = assign(X, C, metric)
-    sums, counts = cluster_sums(X, labels, len(C))
-    moments = None
-    if with_moments:
-        X64 = X.astype(np.float64)
-        moments = (X64.sum(axis=0), np.einsum("ij,ij->j", X64, X64))
-    return Partial(sums, counts, float(dist.sum()), len(X), moments)
+def partial_step(X: np.ndarray, C: np.ndarray, metric: Metric, with_moments: bool = False,
+                 chunk: int = CHUNK) -> Partial:
+    """One block's share of a Lloyd iteration against centroids ``C``.
+
+    ``chunk`` rows at a time, assignment then sums while the rows are in cache; temporaries are
+    ``chunk × k``, never ``n × k``.
+    """
+    k, d = len(C), X.shape[1]
+    scorer = Scorer(C, metric, X.dtype, chunk)
+    sums = np.zeros((k, d), dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    inertia = 0.0
+    m_sum, m_sq = np.zeros(d), np.zeros(d)  # per-feature sum and sum of squares (with_moments)
+    for s in range(0, len(X), chunk):
+        x = X[s:s + chunk]
+        labels, dist = scorer.nearest(x)
+        add_cluster_sums(sums, x, labels)
+        counts += np.bincount(labels, minlength=k)
+        inertia += float(dist.sum())
+        if with_moments:
+            x64 = x.astype(np.float64)
+            m_sum += x64.sum(axis=0)
+            m_sq += np.einsum("ij,ij->j", x64, x64)
+    return Partial(sums, counts, inertia, len(X), (m_sum, m_sq) if with_moments else None)
 
 
 def tolerance(tol: float, moments: tuple[np.ndarray, np.ndarray], n: int) -> float:
@@ -133,6 +194,11 @@ def farthest_points(X: np.ndarray, row_ids: np.ndarray, C: np.ndarray, metric: M
     if m <= 0 or len(X) == 0:
         return []
     labels, dist = assign(X, C, metric)
+    return pick_farthest(X, row_ids, labels, dist, m)
+
+
+def pick_farthest(X: np.ndarray, row_ids: np.ndarray, labels: np.ndarray, dist: np.ndarray, m: int) -> list[FarPoint]:
+    """The ``m`` rows with the largest ``dist`` to their centroid ``labels`` (ties: lower row id first)."""
     order = np.lexsort((row_ids, -dist))[:m]
     return [FarPoint(-float(dist[i]), int(row_ids[i]), int(labels[i]), X[i].astype(np.float64)) for i in order]
 

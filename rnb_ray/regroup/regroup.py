@@ -39,7 +39,7 @@ from rnb_ray.regroup.backends import require_packages
 from rnb_ray.regroup.cache import CacheLookup, EmbeddingSet, corpus_for, embed_corpus
 from rnb_ray.regroup.clustering import KMeansResult
 from rnb_ray.regroup.config import RegroupConfig
-from rnb_ray.regroup.distributed import fit_kmeans
+from rnb_ray.regroup.distributed import fit_kmeans, kmeans_device
 from rnb_ray.regroup.embed import resolve_model
 
 __all__ = ["RegroupResult", "embed_corpus", "regroup", "validate", "write_regrouped"]
@@ -253,6 +253,7 @@ def regroup(cfg: RegroupConfig) -> RegroupResult:
     if corpus.num_rows is not None and corpus.num_rows < cfg.k:
         raise RnbError(f"k={cfg.k} is greater than the number of documents ({corpus.num_rows})",
                        where=corpus.input, fix=f"pass --k {max(1, corpus.num_rows)} or less")
+    kmeans_on = kmeans_device(cfg.kmeans_device)  # a GPU asked for and missing fails before the embedding
     t0 = time.perf_counter()
     emb = embed_corpus(cfg)
     if cfg.k > emb.n:
@@ -261,7 +262,7 @@ def regroup(cfg: RegroupConfig) -> RegroupResult:
     t1 = time.perf_counter()
     with rnb_errors_from_ray():
         kmr = fit_kmeans(emb.dataset(), cfg.k, metric=cfg.metric, seed=cfg.seed, max_iter=cfg.max_iter, tol=cfg.tol,
-                         sample_size=cfg.seed_sample, engine=cfg.kmeans_engine)
+                         sample_size=cfg.seed_sample, engine=cfg.kmeans_engine, device=kmeans_on)
     t2 = time.perf_counter()
     out = write_regrouped(cfg, emb, kmr)
     t3 = time.perf_counter()

@@ -54,6 +54,9 @@ class SweepConfig:
     embed_gpus: float = field(default=0.0, metadata={"help": EMBED_GPUS_HELP})
     embed_precision: EmbedPrecision = field(default=DEFAULT_PRECISION, metadata={"help": EMBED_PRECISION_HELP})
     max_iter: int = field(default=50, metadata={"help": "k-means iterations per trial"})
+    kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": (
+        "where each trial's k-means runs: cpu (numpy), cuda (torch; trials share the cluster's GPUs; an error "
+        "at once without one) or auto (cuda when the cluster has a GPU)")})
     # Proxy model settings (the rest comes from TrainConfig defaults or --train-config).
     train_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON TrainConfig whose settings every proxy run starts from"})

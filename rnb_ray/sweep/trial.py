@@ -156,7 +156,7 @@ def run_trial(config: dict[str, Any], data: SweepData | None = None, plan: Trial
     train_idx = np.flatnonzero(~data.heldout)
     eval_idx = np.flatnonzero(data.heldout)
     kmr = fit_array(data.X[train_idx], k, metric=rcfg.metric, seed=rcfg.seed, max_iter=rcfg.max_iter, tol=rcfg.tol,
-                    sample_size=rcfg.seed_sample)
+                    sample_size=rcfg.seed_sample, device=rcfg.kmeans_device)
     assert kmr.labels is not None
     labels = kmr.labels
     eval_labels, _ = km.assign(data.X[eval_idx], kmr.centroids, rcfg.metric)  # type: ignore[arg-type]

@@ -60,6 +60,7 @@ from rnb_ray.ray_env import require_resources, rnb_errors_from_ray
 from rnb_ray.regroup.cache import embed_corpus
 from rnb_ray.regroup.clustering import SEED_SAMPLE
 from rnb_ray.regroup.config import RegroupConfig, phase_settings
+from rnb_ray.regroup.distributed import kmeans_device
 from rnb_ray.regroup.regroup import regroup
 from rnb_ray.regroup.regroup import validate as validate_regroup
 from rnb_ray.storage import refuse_uris
@@ -101,7 +102,7 @@ def _validate_input(cfg: SweepConfig) -> TrialPlan:
     rcfg = RegroupConfig(
         input=cfg.input, output=str(out / "regrouped"), text_column=cfg.text_column, domain_column=cfg.domain_column,
         model=cfg.model, cache_dir=cfg.cache_dir, seed=cfg.seed, max_iter=cfg.max_iter, k=max(cfg.k),
-        seed_sample=max(SEED_SAMPLE, max(cfg.k)), overwrite=True,
+        seed_sample=max(SEED_SAMPLE, max(cfg.k)), kmeans_device=cfg.kmeans_device, overwrite=True,
         **phase_settings(cfg.trial_backend, cfg.embed_gpus, cfg.embed_precision))
     corpus = validate_regroup(rcfg)
     if cfg.write_best:
@@ -124,7 +125,7 @@ def require_embedding_gpus(cfg: SweepConfig) -> None:
     phases = [cfg.trial_backend] + ([cfg.embed_backend] if cfg.write_best else [])
     if cfg.embed_gpus > 0 and "torch" in phases:
         require_resources(gpus=cfg.embed_gpus, what=f"embedding ({cfg.embed_gpus:g} GPU per actor)",
-                          fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
+                          gpu_fix="drop --embed-gpus (embed on CPU), or run on a cluster with GPU nodes")
 
 
 def _error_text(err: BaseException | None) -> str | None:
@@ -203,6 +204,9 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
     save_config(cfg, out / "config.json")
     require_resources(cpus=cfg.cpus_per_trial, what=f"a sweep trial ({cfg.cpus_per_trial:g} CPU)")
     require_embedding_gpus(cfg)
+    # auto/cuda resolved against the cluster before any work; trials then get the resolved device
+    plan = dataclasses.replace(plan, regroup=dataclasses.replace(rcfg, kmeans_device=kmeans_device(cfg.kmeans_device)))
+    rcfg = plan.regroup
 
     t0 = time.perf_counter()
     with rnb_errors_from_ray():
@@ -219,8 +223,10 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = cfg.max_concurrent_trials or max(1, int(cpus // cfg.cpus_per_trial))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, plan=plan),
-                                    {"cpu": cfg.cpus_per_trial})
+    resources = {"cpu": cfg.cpus_per_trial}
+    if rcfg.kmeans_device == "cuda":  # trials running at once share the cluster's GPUs for their k-means
+        resources["gpu"] = min(1.0, ray.cluster_resources().get("GPU", 1.0) / concurrent)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, plan=plan), resources)
     evals = math.ceil(cfg.trial_steps / cfg.eval_every)
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evals,
@@ -247,7 +253,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] | None = None) -> 
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    say(f"[sweep] running {len(grid)} trial(s), {concurrent} at a time, {cfg.cpus_per_trial:g} CPU each, "
+    gpu_note = f" + {resources['gpu']:g} GPU (k-means)" if "gpu" in resources else ""
+    say(f"[sweep] running {len(grid)} trial(s), {concurrent} at a time, {cfg.cpus_per_trial:g} CPU each{gpu_note}, "
         f"{cfg.trial_steps} steps, scheduler {cfg.scheduler}")
     t1 = time.perf_counter()
     results = tuner.fit()

@@ -196,6 +196,32 @@ def test_distributed_lloyd_matches_sklearn(regrouped, ray_session, tmp_path):
     assert s == pytest.approx(sk_silhouette(X.astype(np.float64), ref_cos.labels, metric="cosine"), abs=1e-6)
 
 
+def test_large_k_distributed_matches_in_process(regrouped, ray_session, tmp_path):
+    """k = 128 on ~310 documents (k in the hundreds relative to the data): both engines give fit_array's fit."""
+    cfg = load_config(RegroupConfig, regrouped / "config.json", {"output": str(tmp_path / "o")})
+    emb = embed_corpus(cfg)
+    X = embeddings_numpy(pq.read_table(emb.files()).column("embedding"))
+    ref = fit_array(X, 128, metric="cosine", seed=5, max_iter=30)
+    for engine in ("actors", "data"):
+        ours = fit_kmeans(emb.dataset(), 128, metric="cosine", seed=5, max_iter=30, engine=engine, num_shards=2,
+                          device="auto")  # no GPU in this session: auto is cpu
+        np.testing.assert_array_equal(km.assign(X, ours.centroids.astype(np.float64), "cosine")[0], ref.labels)
+        assert ours.iterations == ref.iterations and ours.reseeded == ref.reseeded
+        assert ours.inertia == pytest.approx(ref.inertia, rel=1e-4)
+        assert (ours.sizes > 0).all() and ours.sizes.sum() == len(X)
+
+
+def test_kmeans_on_cuda_without_a_gpu_is_refused_before_embedding(ray_session, tmp_path, capsys):
+    p = tmp_path / "docs.csv"
+    p.write_text("id,text\n1,one real document\n2,another real document\n3,a third one\n")
+    code = main(["regroup", "--input", str(p), "--k", "2", "--output", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "c"), "--kmeans-device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--kmeans-device cuda" in err and "GPU" in err and "--kmeans-device cpu" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()  # nothing embedded, no output
+
+
 def test_assign_routes_documents_to_the_same_domains(regrouped, ray_session, small_corpus, tmp_path):
     src = pq.read_table(small_corpus)
     subset = src.take(list(range(0, src.num_rows, 5)))  # includes x.blank? positions differ; fine either way

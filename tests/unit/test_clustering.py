@@ -92,3 +92,28 @@ def test_silhouette_array_matches_sklearn(metric):
         [km.silhouette_samples(S, lab, metric, slice(i, i + 32)) for i in range(0, len(S), 32)]))  # type: ignore[arg-type]
     assert chunked == pytest.approx(silhouette_of_sample(X[pick], C, metric), abs=1e-12)
     assert np.isnan(silhouette_array(X, C[:1], metric=metric))  # one cluster: undefined
+
+
+def test_many_empty_clusters_at_large_k_are_reseeded_like_sklearn():
+    """k = 96 on 400 points with a third of the initial centroids far from everything."""
+    X = blobs(n=400, d=8, k=12, seed=11)
+    init = X[np.random.default_rng(11).choice(len(X), 96, replace=False)].astype(np.float64)
+    init[::3] = 1e3 + np.arange(32)[:, None]  # 32 clusters empty after the first assignment
+    ours = fit_array(X, 96, metric="euclidean", init=init, max_iter=300, tol=0.0)
+    assert ours.reseeded >= 32 and (np.bincount(ours.labels, minlength=96) > 0).all()
+    ref = KMeans(96, init=init.astype(np.float32), n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
+    np.testing.assert_array_equal(ours.labels, ref.labels_)
+    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
+
+
+def test_seeding_at_large_k_is_kmeans_plus_plus_on_the_bounded_sample():
+    """k-means++ runs on at most max(sample_size, k) rows, and every centroid is a distinct sample row."""
+    X = km.normalize_rows(blobs(n=3000, d=8, k=10, seed=12)).astype(np.float32)
+    res = fit_array(X, 300, metric="cosine", seed=1, sample_size=500, max_iter=1)
+    assert res.k == 300 and res.sizes.sum() == 3000
+    init = km.kmeans_plus_plus(X[bottom_rows(np.arange(3000), 500, 1)], 300, "cosine", np.random.default_rng(1))
+    assert len({tuple(r) for r in np.round(init, 6)}) == 300
+    np.testing.assert_array_equal(fit(ArrayBackend(X), 300, metric="cosine", init=init, max_iter=1).centroids,
+                                  res.centroids)
+    with pytest.raises(RnbError, match="unknown k-means device"):
+        fit_array(X, 3, device="tpu")

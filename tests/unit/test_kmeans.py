@@ -103,3 +103,41 @@ def test_tolerance_is_relative_to_feature_variance():
     X = blobs().astype(np.float64)
     p = km.partial_step(X, X[:3], "euclidean", with_moments=True)
     assert km.tolerance(1e-4, p.moments, p.n) == pytest.approx(np.var(X, axis=0).mean() * 1e-4, rel=1e-9)
+
+
+def test_cluster_sums_at_large_k_match_brute_force_with_empty_clusters():
+    """The sparse-indicator sums (cost rows × d, whatever k): exact per cluster, zeros for empty ones."""
+    X = blobs(n=500, d=24, seed=9)
+    rng = np.random.default_rng(9)
+    labels = rng.integers(0, 700, size=len(X)) * 2  # k = 1,400 > rows: most clusters empty, only even ids used
+    sums, counts = km.cluster_sums(X, labels, 1400, chunk=64)
+    brute = np.zeros((1400, 24))
+    np.add.at(brute, labels, X.astype(np.float64))
+    np.testing.assert_allclose(sums, brute, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=1400))
+    assert (sums[1::2] == 0).all() and (counts[1::2] == 0).all()
+    X64 = X.astype(np.float64)  # float64 rows: the same sums to rounding whatever the chunking
+    np.testing.assert_allclose(km.cluster_sums(X64, labels, 1400, chunk=7)[0], brute, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_assign_and_partial_step_do_not_depend_on_the_chunk(metric):
+    X = blobs(n=1000, d=16, seed=10)
+    C = X[::9].astype(np.float64)  # k = 112
+    labels, dist = km.assign(X, C, metric)
+    for chunk in (1, 37, 999, 5000):
+        lab_c, dist_c = km.assign(X, C, metric, chunk=chunk)
+        np.testing.assert_array_equal(lab_c, labels)
+        np.testing.assert_allclose(dist_c, dist, rtol=1e-5, atol=1e-3)  # float32 ‖x‖² − 2x·c + ‖c‖² (~100)
+    whole = km.partial_step(X, C, metric, with_moments=True)
+    small = km.partial_step(X, C, metric, with_moments=True, chunk=37)
+    np.testing.assert_array_equal(small.counts, whole.counts)
+    np.testing.assert_allclose(small.sums, whole.sums, rtol=1e-5, atol=1e-4)
+    assert small.inertia == pytest.approx(whole.inertia, rel=1e-7)
+    assert small.n == whole.n == 1000
+    for a, b in zip(small.moments, whole.moments, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9)
+    # the pieces agree with each other: counts are the labels' histogram, inertia the distances' sum
+    np.testing.assert_array_equal(whole.counts, np.bincount(labels, minlength=len(C)))
+    assert whole.inertia == pytest.approx(float(dist.sum()), rel=1e-9)
+    assert km.assign(X[:0], C, metric)[0].shape == (0,)
