@@ -10,7 +10,9 @@ Runs, each as its own process (so one failing script does not stop the others; a
 ``fidelity.py`` (five arms x 3 seeds at 80 steps; with --quick a 2-arm, 1-seed, 40-step smoke test).
 Measured on the idle 2-core machine: full suite 1,203 s from a cold start (no cached corpus, embeddings or
 runs); --quick 283 s when it still ran sweep_layout (54 s; now full suite only) with its smoke runs
-reused — expect ~230 s, plus ~50 s the first time the two smoke runs train. Every script writes ``benchmarks/results/<name>.json``; this script then writes
+reused — expect ~230 s, plus ~50 s the first time the two smoke runs train. Since then ``kmeans_bench.py`` gained
+the k = 1,024 comparison with faiss-cpu at N = 1 M: ~10 minutes of the full suite (measured on the shared,
+loaded machine), ~1 minute of --quick (N = 100,000). Every script writes ``benchmarks/results/<name>.json``; this script then writes
 ``benchmarks/results/suite.json`` (what ran, exit codes, seconds, machine) and rewrites the block between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md — nothing else in the README.
 

@@ -18,13 +18,15 @@ on CPU uses ``kmeans.py`` (numpy, faster there: its sums cost n·d, not n·k·d)
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
 from rnb_ray.regroup import kmeans as km
 
-TORCH_CHUNK = 65_536  # rows per product on the device: chunk × k float32 scores (256 MiB at k = 1,024)
+TORCH_CHUNK = 65_536  # rows per product on the device at most
+SCORES_BYTES = 256 << 20  # and at most this much for the chunk × k scores (and as much for the one-hot matrix)
 RESIDENT_FRACTION = 0.5  # rows stay on the device when they take at most this share of its free memory
 
 
@@ -62,16 +64,19 @@ class TorchRows:
         self.device = torch.device(device)
         self.chunk = chunk
         self.n = len(X)
-        rows = torch.from_numpy(self.host)
+        with warnings.catch_warnings():  # rows from Arrow are read-only; nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.from_numpy(self.host)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             if self.host.nbytes <= RESIDENT_FRACTION * free:
                 rows = rows.to(self.device)
         self.rows = rows  # on the device, or in host memory (streamed)
 
-    def _chunks(self) -> Iterator[tuple[int, object]]:
-        for s in range(0, self.n, self.chunk):
-            yield s, self.rows[s:s + self.chunk].to(self.device, non_blocking=False)
+    def _chunks(self, k: int) -> Iterator[tuple[int, object]]:
+        step = max(1, min(self.chunk, SCORES_BYTES // (4 * k)))
+        for s in range(0, self.n, step):
+            yield s, self.rows[s:s + step].to(self.device)
 
     def _prepare(self, C: np.ndarray, metric: str):
         import torch
@@ -108,7 +113,7 @@ class TorchRows:
         dist = np.empty(self.n, dtype=np.float64)
         with exact_fp32():
             W, c_sq = self._prepare(C, metric)
-            for s, x in self._chunks():
+            for s, x in self._chunks(len(C)):
                 lab, d = self._nearest(x, W, c_sq, metric)
                 labels[s:s + len(x)] = lab.cpu().numpy()
                 dist[s:s + len(x)] = d.cpu().numpy()
@@ -126,7 +131,7 @@ class TorchRows:
         m_sum, m_sq = torch.zeros(d, **f64), torch.zeros(d, **f64)
         with exact_fp32():
             W, c_sq = self._prepare(C, metric)
-            for _, x in self._chunks():
+            for _, x in self._chunks(k):
                 labels, dist = self._nearest(x, W, c_sq, metric)
                 onehot = torch.zeros((k, len(x)), dtype=x.dtype, device=self.device)
                 onehot[labels, torch.arange(len(x), device=self.device)] = 1
