@@ -11,8 +11,8 @@ Runs, each as its own process (so one failing script does not stop the others; a
 Measured on the idle 2-core machine: full suite 1,203 s from a cold start (no cached corpus, embeddings or
 runs); --quick 283 s when it still ran sweep_layout (54 s; now full suite only) with its smoke runs
 reused — expect ~230 s, plus ~50 s the first time the two smoke runs train. Since then ``kmeans_bench.py`` gained
-the k = 1,024 comparison with faiss-cpu at N = 1 M: ~10 minutes of the full suite (measured on the shared,
-loaded machine), ~1 minute of --quick (N = 100,000). Every script writes ``benchmarks/results/<name>.json``; this script then writes
+the k = 1,024 comparison with faiss-cpu at N = 1 M: the script took 402 s in the full suite's setting (1,143 s
+while other jobs loaded the 2 cores), about a minute with --quick (N = 100,000). Every script writes ``benchmarks/results/<name>.json``; this script then writes
 ``benchmarks/results/suite.json`` (what ran, exit codes, seconds, machine) and rewrites the block between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md — nothing else in the README.
 
