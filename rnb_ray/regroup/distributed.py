@@ -36,7 +36,15 @@ import pyarrow as pa
 from rnb_ray.errors import RnbError
 from rnb_ray.ray_env import ordered_execution, require_resources
 from rnb_ray.regroup import kmeans as km
-from rnb_ray.regroup.clustering import DEVICES, SEED_SAMPLE, KMeansResult, bottom_rows, check_settings, fit
+from rnb_ray.regroup.clustering import (
+    DEVICES,
+    SEED_SAMPLE,
+    ArrayBackend,
+    KMeansResult,
+    bottom_rows,
+    check_settings,
+    fit,
+)
 from rnb_ray.regroup.embed import EMB_ROW_ID, EMBEDDING, embeddings_array, embeddings_numpy
 
 __all__ = ["KMeansResult", "KMeansShard", "fit_kmeans", "kmeans_device", "sample_embeddings"]
@@ -196,11 +204,8 @@ class KMeansShard:
             xs.append(x)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.X = np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
-        self.torch_rows = None
-        if device != "cpu" and len(self.ids):
-            from rnb_ray.regroup.kmeans_torch import TorchRows
-
-            self.torch_rows = TorchRows(self.X, device)
+        # the same numpy-or-torch dispatch as an in-process fit (an empty shard never touches a device)
+        self.rows = ArrayBackend(self.X, self.ids, device if len(self.ids) else "cpu")
 
     def count(self) -> int:
         return len(self.ids)
@@ -214,14 +219,10 @@ class KMeansShard:
     def partial(self, C: np.ndarray, metric: str, with_moments: bool) -> km.Partial | None:
         if not len(self.ids):
             return None
-        if self.torch_rows is not None:
-            return self.torch_rows.partial(C, metric, with_moments)
-        return km.partial_step(self.X, C, metric, with_moments)  # type: ignore[arg-type]
+        return self.rows.partial(C, metric, with_moments)
 
     def far(self, C: np.ndarray, metric: str, m: int) -> list[km.FarPoint]:
-        if self.torch_rows is not None:
-            return self.torch_rows.far(self.ids, C, metric, m)
-        return km.farthest_points(self.X, self.ids, C, metric, m)  # type: ignore[arg-type]
+        return self.rows.far(C, metric, m)
 
 
 class _ActorBackend:
