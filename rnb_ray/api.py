@@ -57,11 +57,25 @@ from torch import nn
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.lm import grad_token_mask
 from rnb_ray.balance.mixer import Mixer, MixerSpec, create_mixer
+from rnb_ray.balance.mixer import load_state as _load_state
+from rnb_ray.balance.mixer import save_state as _save_state
 from rnb_ray.balance.runtime import ActorMixer, LocalMixer
 from rnb_ray.balance.sampler import Chunk, DomainSampler, DomainStream
 from rnb_ray.errors import RnbError
 
-__all__ = ["DomainMixer", "DomainSampler", "GradientCapture", "causal_lm_mask", "domain_names", "domain_sampler"]
+__all__ = ["DomainMixer", "DomainSampler", "GradientCapture", "causal_lm_mask", "domain_names", "domain_sampler",
+           "load_state", "save_state"]
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Save a state (``DomainMixer.state_dict()``, a sampler's ``state_dict()``) into your checkpoint:
+    written atomically, numpy arrays as tensors, so ``load_state`` reads it with ``weights_only=True``."""
+    _save_state(Path(path), state)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a state written by ``save_state`` (``torch.load(..., weights_only=True)``: it cannot run code)."""
+    return _load_state(Path(path))
 
 
 def causal_lm_mask(attention_mask: torch.Tensor) -> torch.Tensor:

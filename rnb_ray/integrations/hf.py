@@ -40,8 +40,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from rnb_ray.api import DomainMixer, GradientCapture, domain_names, domain_sampler
-from rnb_ray.balance.mixer import load_state, save_state
+from rnb_ray.api import DomainMixer, GradientCapture, domain_names, domain_sampler, load_state, save_state
 from rnb_ray.errors import RnbError
 
 __all__ = ["DOMAIN_KEY", "STATE_FILE", "DomainCollator", "DomainMixtureDataset", "RnbCallback"]
