@@ -56,7 +56,7 @@ from torch import nn
 
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.lm import grad_token_mask
-from rnb_ray.balance.mixer import Mixer, MixerSpec, create_mixer
+from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer
 from rnb_ray.balance.mixer import load_state as _load_state
 from rnb_ray.balance.mixer import save_state as _save_state
 from rnb_ray.balance.runtime import ActorMixer, LocalMixer
@@ -236,9 +236,11 @@ def mixer_spec(run_dir: str | Path, domains: Sequence[str], *, strategy: str = "
     opts = dict(options or {})
     if strategy == "rnb":
         opts["lam"] = float(lam)
-    return MixerSpec(run_dir=str(run_dir), domains=domains, strategy=strategy, options=opts, sizes=sizes_l,
+    spec = MixerSpec(run_dir=str(run_dir), domains=domains, strategy=strategy, options=opts, sizes=sizes_l,
                      q=(q_arr / q_arr.sum()).tolist(), floor=float(floor), num_workers=int(num_workers),
                      lam=float(lam))
+    build_strategy(spec)  # an unknown strategy or bad options fail here, before anything is written
+    return spec
 
 
 def _check_fresh(run_dir: str | Path, resume: bool) -> None:
@@ -268,14 +270,17 @@ class DomainMixer:
     (True, 1)
     """
 
-    def __init__(self, client: Any, *, rank: int = 0, owned_actor: Any = None):
+    def __init__(self, client: Any, *, rank: int = 0, owned_actor: Any = None, domains: Sequence[str] | None = None):
         self._client = client  # runtime.LocalMixer or runtime.ActorMixer (the seam the trainer uses too)
         self.rank = int(rank)
         self._owned = owned_actor
         current = self._client.call("current")
         self._round = int(current["round"])
         self._p = np.asarray(current["mixture"], dtype=np.float64)
-        self._domains: list[str] = list(self._client.call("state_dict")["spec"]["domains"])
+        if domains is None:  # a worker joining by name: ask the mixer once
+            domains = self._client.call("state_dict")["spec"]["domains"]
+        self._domains: list[str] = [str(d) for d in domains]
+        self.last_skipped: str | None = None  # why the last round's update was skipped (None: applied)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -286,7 +291,7 @@ class DomainMixer:
         spec = mixer_spec(run_dir, domains, strategy=strategy, lam=lam, q=q, sizes=sizes, floor=floor,
                           options=options, num_workers=1)
         _check_fresh(run_dir, resume)
-        return cls(LocalMixer(Mixer(spec)))
+        return cls(LocalMixer(Mixer(spec)), domains=spec.domains)
 
     @classmethod
     def start(cls, name: str, run_dir: str | Path, domains: Sequence[str], *, num_workers: int,
@@ -308,7 +313,7 @@ class DomainMixer:
         _check_fresh(run_dir, resume)
         handle = create_mixer(spec, name)
         ray.get(handle.ping.remote(), timeout=timeout_s)
-        return cls(ActorMixer(name, timeout_s), owned_actor=handle)
+        return cls(ActorMixer(name, timeout_s), owned_actor=handle, domains=spec.domains)
 
     @classmethod
     def join(cls, name: str, *, rank: int = 0, timeout_s: float = 600.0) -> DomainMixer:
@@ -351,7 +356,7 @@ class DomainMixer:
         answer = self._client.submit(self.rank, self._round, int(step), payload).result()
         self._round += 1
         self._p = np.asarray(answer["mixture"], dtype=np.float64)
-        self.last_skipped: str | None = answer.get("skipped")
+        self.last_skipped = answer.get("skipped")
         return self.mixture
 
     # ---------------------------------------------------------------- records and state

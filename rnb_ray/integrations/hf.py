@@ -170,6 +170,12 @@ def _grad_positions(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return mask
 
 
+def _shape_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """An all-true (B, T) mask of the batch's shape (no device transfer)."""
+    ref = next((kwargs[k] for k in ("input_ids", "attention_mask", "labels") if kwargs.get(k) is not None), None)
+    return None if ref is None or ref.dim() != 2 else torch.ones(tuple(ref.shape), dtype=torch.bool)
+
+
 class RnbCallback(TrainerCallback):
     """Runs R&B's rounds inside ``Trainer.train()`` (see the module docstring).
 
@@ -191,6 +197,7 @@ class RnbCallback(TrainerCallback):
             raise RnbError(f"update_every is {update_every}", where="RnbCallback", fix="use K >= 1")
         self.dataset, self.update_every = dataset, int(update_every)
         self.capture = GradientCapture(model, len(dataset.domains), layers, sketch_dim=sketch_dim, seed=seed)
+        self._sketch = sketch_dim > 0
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.mixer = mixer
         self._mixer_settings = {"strategy": strategy, "lam": lam, "floor": floor, "q": q}
@@ -204,7 +211,9 @@ class RnbCallback(TrainerCallback):
         domains = kwargs.pop(DOMAIN_KEY, None)
         training = module.training and torch.is_grad_enabled()
         if domains is not None and training:
-            self.capture.begin(domains, _grad_positions(kwargs), scale=1.0)
+            # Which positions carry gradient matters only to sketches; exact sums need the (B, T) shape.
+            positions = _grad_positions(kwargs) if self._sketch else _shape_mask(kwargs)
+            self.capture.begin(domains, positions, scale=1.0)
         else:
             self.capture.end()
             if training:
@@ -214,6 +223,10 @@ class RnbCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.world_size > 1:
+            raise RnbError(f"RnbCallback runs in one process; this Trainer has {args.world_size}",
+                           where="TrainingArguments", fix="train on one device, or use the API in a Ray Train "
+                           "train_func for several workers (examples/ray_train_rnb.py)")
         if args.dataloader_num_workers:
             raise RnbError(f"dataloader_num_workers is {args.dataloader_num_workers}",
                            where="TrainingArguments", fix="use dataloader_num_workers=0 with RnbCallback (the "

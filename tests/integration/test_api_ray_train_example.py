@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from rnb_ray.api import load_state
 
@@ -52,3 +53,11 @@ def test_ray_train_example_records_a_moving_mixture(ray_session, sample_corpus, 
     state = load_state(ckpt / "sampler_rank1.pt")  # weights_only=True
     assert len(state["streams"]) == 4
     assert load_state(ckpt / "mixer.pt")["trajectory"][-1]["mixture"] == traj[-1]["mixture"]
+
+
+def test_join_unknown_mixer_is_rnb_error(ray_session):
+    from rnb_ray.api import DomainMixer
+    from rnb_ray.errors import RnbError
+
+    with pytest.raises(RnbError, match="no mixer actor named 'no-such-mixer'"):
+        DomainMixer.join("no-such-mixer")
