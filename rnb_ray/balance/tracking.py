@@ -101,16 +101,23 @@ def scalars(row: dict[str, Any], domains: list[str], tokens_per_s: float | None)
 
 
 def tokens_per_s(prev: dict[str, Any] | None, row: dict[str, Any]) -> float | None:
-    """Training throughput between two rows: Δtokens over Δ(rank 0's step time: train + capture + mixer wait)."""
-    if prev is None:
-        return None
+    """Training throughput: Δtokens over Δ(rank 0's step time: train + capture + mixer wait) since ``prev``
+    (the average since step 0 without one; the counters are cumulative)."""
 
     def busy(r: dict[str, Any]) -> float:
         return sum(float(r.get(k) or 0.0) for k in ("seconds_train", "seconds_capture", "seconds_mixer"))
 
-    dt = busy(row) - busy(prev)
-    dtok = float(row.get("tokens") or 0) - float(prev.get("tokens") or 0)
+    dt = busy(row) - (busy(prev) if prev is not None else 0.0)
+    dtok = float(row.get("tokens") or 0) - (float(prev.get("tokens") or 0) if prev is not None else 0.0)
     return dtok / dt if dt > 0 and dtok >= 0 else None
+
+
+def mlflow_client(root: str | Path) -> Any:
+    """An ``MlflowClient`` on the file store ``root/mlruns`` (what ``--track mlflow`` writes), to read it back."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the offline file store is opt-in
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=(Path(root) / "mlruns").as_uri())
 
 
 _MLFLOW_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -135,11 +142,9 @@ class Tracking:
             self.tb = SummaryWriter(logdir=str(root / "tensorboard")) if _has("tensorboardX") else \
                 SummaryWriter(log_dir=str(root / "tensorboard"))
         if "mlflow" in names:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the offline file store is opt-in
             from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
 
-            self.mlflow = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
+            self.mlflow = mlflow_client(root)
             id_file = root / "mlflow-run.json"
             if id_file.is_file():  # a resumed run (or a restarted mixer) continues its MLflow run
                 self.mlflow_run = json.loads(id_file.read_text(encoding="utf-8"))["run_id"]

@@ -8,7 +8,14 @@ import json
 import pytest
 
 from rnb_ray.balance.progress import ProgressPrinter, format_progress
-from rnb_ray.balance.tracking import Tracking, check_tracking, parse_track, scalars, tokens_per_s
+from rnb_ray.balance.tracking import (
+    Tracking,
+    check_tracking,
+    mlflow_client,
+    parse_track,
+    scalars,
+    tokens_per_s,
+)
 from rnb_ray.cli import main
 from rnb_ray.errors import RnbError
 
@@ -26,7 +33,8 @@ def test_format_progress_shows_step_losses_throughput_eta_and_top_weights():
     line = format_progress(_row(10, 3.25), steps=40, domains=DOMAINS, tok_s=2000.0, eta_s=75, top=2)
     assert line == "step 10/40 | train 3.000 | eval 3.250 | 2,000 tok/s | ETA 1m15s | p 1:0.50 2:0.30"
     assert tokens_per_s(_row(5), _row(10)) == pytest.approx(2000.0)  # 5000 tokens over 2.5 s of steps
-    assert tokens_per_s(None, _row(10)) is None
+    assert tokens_per_s(None, _row(10)) == pytest.approx(2000.0)  # the average since step 0
+    assert tokens_per_s(_row(10), _row(10)) is None
 
 
 class _Tty(io.StringIO):
@@ -62,7 +70,6 @@ def test_printer_plain_lines_off_a_terminal_and_one_rewritten_line_on_one():
 
 
 def test_tensorboard_and_mlflow_receive_every_scalar(tmp_path):
-    from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     names, root = check_tracking("tensorboard,mlflow", None, tmp_path / "run")
@@ -82,7 +89,7 @@ def test_tensorboard_and_mlflow_receive_every_scalar(tmp_path):
     assert [round(e.value, 6) for e in acc.Scalars("mixture/1")] == [0.5] * 3
     assert [e.step for e in acc.Scalars("loss/eval")] == [10]
 
-    client = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
+    client = mlflow_client(root)
     run_id = json.loads((root / "mlflow-run.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [5, 10, 15]
     assert client.get_metric_history(run_id, "eval_loss/0")[0].value == pytest.approx(3.1)
