@@ -2,6 +2,8 @@
 and written atomically.
 
 * :func:`check_output_dir` — may we write there: absent, empty, or ``overwrite`` (a URI: its bucket exists too).
+* :func:`domain_dir` / :func:`domain_of_dir` — the name of a domain's directory in a regroup/assign output
+  (``data/domain-<id>/``; the column ``domain`` is in every file, so the name is not hive ``key=value``).
 * :func:`atomic_output` — yield an :class:`OutputDir` beside the output; put it in place only if the block
   succeeds. Local: a temporary directory renamed into place (:func:`rnb_ray.atomic.atomic_dir`). Object store:
   a temporary prefix ``.<name>.tmp-*`` copied into place object by object with a marker file last
@@ -22,6 +24,28 @@ import pyarrow.fs as pafs
 
 from rnb_ray import atomic, storage
 from rnb_ray.errors import RnbError
+
+DOMAIN_DIR_PREFIX = "domain-"
+LEGACY_DOMAIN_DIR_PREFIX = "domain="  # outputs written before the layout changed (still read)
+
+
+def domain_dir(domain: int | str) -> str:
+    """The directory of one domain in ``OUT/data`` of ``rnb regroup`` / ``rnb assign``: ``domain-<id>``.
+
+    Not hive-style ``domain=<id>``: the ``domain`` column (int64) is in every file, and a hive name would make
+    pandas / pyarrow infer a second, int32 or dictionary ``domain`` from the path and refuse to merge the two.
+    With this name pandas, polars, DuckDB, Hugging Face ``datasets``, pyarrow and Ray Data all read one
+    int64 ``domain`` column (hive partitioning on or off).
+    """
+    return f"{DOMAIN_DIR_PREFIX}{domain}"
+
+
+def domain_of_dir(name: str) -> str | None:
+    """The domain id of a directory name: ``domain-<id>``, or the older ``domain=<id>``; None for others."""
+    for prefix in (DOMAIN_DIR_PREFIX, LEGACY_DOMAIN_DIR_PREFIX):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix):]
+    return None
 
 
 class OutputDir:

@@ -95,6 +95,10 @@ class PipelineConfig:
         "(cuda when the cluster has a GPU); not part of the stages' settings hash")})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
+    quiet: bool = field(default=False, metadata={"help": "no progress line while the final training runs"})
+    track: str | None = field(default=None, metadata={"help": (
+        "experiment tracking of the final training: tensorboard, mlflow or both (written under RUN/train/tracking; "
+        "see rnb train --track); not part of the stages' settings hash")})
 
     def validate(self) -> None:
         if not self.output:
@@ -112,6 +116,9 @@ class PipelineConfig:
         if self.train_config is not None and not Path(self.train_config).is_file():
             raise RnbError(f"train config {self.train_config} does not exist", where="--train-config")
         check_embed_phases(self.embed_backend, self.sweep_embed_backend, self.embed_gpus, self.embed_precision)
+        from rnb_ray.balance.tracking import parse_track
+
+        parse_track(self.track)
 
     @property
     def sweep_backend(self) -> str:
@@ -273,7 +280,8 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     from rnb_ray.balance.train import train  # torch: imported when a run gets this far, not by `rnb --help`
 
     train_hash = stages.stage("train", train_settings, [regroup_hash],
-                              lambda d: train(dataclasses.replace(train_cfg, output=str(d))))
+                              lambda d: train(dataclasses.replace(train_cfg, output=str(d), quiet=cfg.quiet,
+                                                                  track=cfg.track or train_cfg.track)))
 
     # report ----------------------------------------------------------------------------------------------------
     summary: dict[str, Any] = {

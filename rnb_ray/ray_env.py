@@ -84,7 +84,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         _check_reachable(address)
-    kwargs: dict = {"log_to_driver": not quiet} if quiet else {}
+    # quiet: workers' output stays in Ray's log files, and the driver's "ray" logger shows warnings and errors
+    # only (not "Started a local Ray instance"); errors raised by tasks still reach the caller as exceptions.
+    kwargs: dict = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet else {}
     if address:
         from ray.exceptions import AuthenticationError
 

@@ -19,7 +19,7 @@ from rnb_ray.storage import is_uri
 # Settings that may differ between a run and its ``--resume`` (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset(
     {"steps", "stop_after", "eval_every", "checkpoint_every", "max_failures", "round_timeout_s", "log_every",
-     "resume", "output", "debug_dump_rounds"}
+     "resume", "output", "debug_dump_rounds", "track", "tracking_dir", "quiet"}
 )
 
 
@@ -72,6 +72,10 @@ class TrainConfig:
     resume: str | None = _h("run directory to continue (its config.json is used; steps may grow)")
     debug_dump_rounds: int = field(default=0, metadata={"help": "verification: save the first N rounds' batches and aggregated gradients under RUN/debug"})
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "autocast dtype for forward/backward"})
+    track: str | None = _h("experiment tracking of every metrics row: tensorboard, mlflow or both "
+                           "('tensorboard,mlflow'); needs the `track` extra")
+    tracking_dir: str | None = _h("where --track writes (tensorboard/, mlruns/); default RUN/tracking")
+    quiet: bool = field(default=False, metadata={"help": "no progress line on the console while training"})
 
     def __post_init__(self) -> None:
         opts = self.strategy_options
@@ -94,6 +98,9 @@ class TrainConfig:
         def bad(name: str, what: str, fix: str) -> RnbError:
             return RnbError(f"setting '{name}' {what}", where=f"--{name.replace('_', '-')}", fix=fix)
 
+        from rnb_ray.balance.tracking import check_tracking
+
+        check_tracking(self.track, self.tracking_dir, self.run_dir)  # unknown name, missing package, not writable
         if not self.data:
             raise bad("data", "is empty", "pass the corpus: --data OUT_OF_REGROUP or a parquet/jsonl file")
         # URIs (s3://, gs://) are checked when the plan lists them

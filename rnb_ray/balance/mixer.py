@@ -40,6 +40,7 @@ from rnb_ray.balance import strategies
 from rnb_ray.balance.gram import apply_floor, domain_means
 from rnb_ray.balance.records import RunRecords
 from rnb_ray.balance.strategies import RoundStats, Strategy
+from rnb_ray.balance.tracking import Tracking
 from rnb_ray.errors import RnbError
 
 
@@ -55,6 +56,8 @@ class MixerSpec:
     num_workers: int
     lam: float
     debug_dump_rounds: int = 0
+    track: tuple[str, ...] = ()  # trackers of every metrics row (tracking.py): tensorboard, mlflow
+    tracking_dir: str | None = None
 
 
 def build_strategy(spec: MixerSpec) -> Strategy:
@@ -106,6 +109,15 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def open_tracking(spec: MixerSpec) -> Tracking | None:
+    """The run's trackers (None without ``track``); parameters: the mixer's settings."""
+    if not spec.track or spec.tracking_dir is None:
+        return None
+    params = {"strategy": spec.strategy, "lam": spec.lam, "floor": spec.floor, "workers": spec.num_workers,
+              "domains": len(spec.domains), **{f"option.{k}": v for k, v in spec.options.items()}}
+    return Tracking(tuple(spec.track), Path(spec.tracking_dir), spec.domains, Path(spec.run_dir).name, params)
+
+
 class Mixer:
     """See the module docstring. All public methods are actor methods."""
 
@@ -114,7 +126,7 @@ class Mixer:
         self.dir = Path(spec.run_dir) / "mixer"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.pt"
-        self.records = RunRecords(spec.run_dir)
+        self.records = RunRecords(spec.run_dir, open_tracking(spec))
         self.m = len(spec.domains)
         self._pending: dict[int, dict[int, dict[str, Any]]] = {}
         self._events: dict[int, asyncio.Event] = {}
@@ -257,6 +269,10 @@ class Mixer:
     def log(self, row: dict[str, Any]) -> None:
         """Append one ``metrics.jsonl`` row (sent by rank 0)."""
         self.records.append_metrics(row)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The latest ``metrics.jsonl`` row (the driver's progress line polls it)."""
+        return self.records.last_row
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         self.summary = summary

@@ -1,7 +1,7 @@
 """The training data plan of a Balance run: list the files, read the domain column, split, plan the streams.
 
 Accepted ``--data`` (a local path, or an ``s3://``/``gs://`` URI read through pyarrow's filesystems): an
-``rnb regroup`` output directory (``domains.json`` + ``data/domain=<id>/*.parquet``,
+``rnb regroup`` output directory (``domains.json`` + ``data/domain-<id>/*.parquet``,
 the domain taken from the column or from the hive path), or any parquet/jsonl file or directory of them
 with a domain column (``domain_column``); the files are listed by :mod:`rnb_ray.files`. Domain names are the
 string form of the values, ordered numerically when all are integers, else lexicographically.

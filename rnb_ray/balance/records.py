@@ -9,6 +9,8 @@ one place in order. The formats are documented in ARCHITECTURE.md ("Training run
 * ``mixture.json`` — the strategy, the final mixture, q, λ, the floor, the options, the trajectory of p
   over the rounds and the last Gram matrix (R&B), written once when the run finishes.
 * ``result.json`` — the run's summary, written once when the run finishes.
+
+Every row appended also goes to the run's trackers (``tracking.py``: TensorBoard, MLflow) when it has any.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from rnb_ray import atomic
+from rnb_ray.balance.tracking import Tracking
 
 
 class RunRecords:
     """Writer of RUN's ``metrics.jsonl``, ``mixture.json`` and ``result.json``."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, tracking: Tracking | None = None):
         self.root = Path(run_dir)
         self.metrics_path = self.root / "metrics.jsonl"
+        self.tracking = tracking
+        self.last_row: dict[str, Any] | None = None  # the latest row (the driver's progress line polls it)
+        self.tracking_error: str | None = None  # a tracker that failed mid-run is dropped; result.json says why
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The rows logged so far (up to a torn last line, which a crash can leave)."""
@@ -44,6 +50,13 @@ class RunRecords:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        self.last_row = row
+        if self.tracking is not None:
+            try:
+                self.tracking.log(row)
+            except Exception as e:  # noqa: BLE001 — a tracker failing mid-run must not end the training
+                self.tracking_error = f"{type(e).__name__}: {e}"
+                self.tracking = None
 
     def cut_back(self, step: int | None) -> None:
         """Keep the rows up to ``step`` (a restart from that step's checkpoint); None keeps none (a fresh run)."""
@@ -66,4 +79,8 @@ class RunRecords:
         return final
 
     def write_result(self, summary: dict[str, Any]) -> None:
+        if self.tracking_error is not None:
+            summary = {**summary, "tracking_error": self.tracking_error}
         atomic.write_text(self.root / "result.json", json.dumps(summary, indent=1) + "\n")
+        if self.tracking is not None:
+            self.tracking.close()

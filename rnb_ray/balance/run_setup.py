@@ -9,6 +9,7 @@ from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.mixer import MixerSpec, build_strategy
 from rnb_ray.balance.plan import Plan, prepare_plan
 from rnb_ray.balance.strategies.base import Strategy
+from rnb_ray.balance.tracking import parse_track, tracking_dir
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ def make_spec(cfg: TrainConfig, plan: Plan, num_workers: int) -> MixerSpec:
         options["weights"] = plan.static_weights.tolist()
     return MixerSpec(run_dir=str(cfg.run_dir), domains=plan.domains, strategy=cfg.strategy, options=options,
                      sizes=plan.sizes.tolist(), q=plan.q.tolist(), floor=cfg.floor, num_workers=num_workers,
-                     lam=cfg.lam, debug_dump_rounds=cfg.debug_dump_rounds)
+                     lam=cfg.lam, debug_dump_rounds=cfg.debug_dump_rounds, track=parse_track(cfg.track),
+                     tracking_dir=str(tracking_dir(cfg.run_dir, cfg.tracking_dir)) if cfg.track else None)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from rnb_ray.balance.checkpoint import has_checkpoint
 from rnb_ray.balance.config import TrainConfig, resolve_resume
 from rnb_ray.balance.lm import check_model_source, load_tokenizer
 from rnb_ray.balance.mixer import create_mixer
+from rnb_ray.balance.progress import ProgressPrinter
 from rnb_ray.balance.run_setup import RunSetup, make_spec, setup_run
 from rnb_ray.balance.runtime import RayTrainRuntime
 from rnb_ray.balance.trainer import Trainer, run_training_loop
@@ -141,6 +142,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
+        progress = None if cfg.quiet else ProgressPrinter(
+            lambda: ray.get(handle.latest.remote(), timeout=10), domains=setup.plan.domains,
+            steps=cfg.stop_after if 0 < cfg.stop_after < cfg.steps else cfg.steps).start()
         try:
             trainer.fit()
         except RnbError:
@@ -148,6 +152,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         except Exception as e:  # noqa: BLE001 — Ray Train wraps worker errors in its own types
             raise RnbError(f"training failed: {_failure_message(e)}", where=str(cfg.run_dir),
                            fix="see the message above; completed checkpoints can be continued with --resume") from e
+        finally:
+            if progress is not None:
+                progress.stop()
         summary = ray.get(handle.finish.remote({"seconds_total": time.perf_counter() - t0}), timeout=120)
     finally:
         with contextlib.suppress(Exception):

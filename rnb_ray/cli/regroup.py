@@ -55,7 +55,7 @@ def register(subparsers) -> None:
         subparsers, "regroup", RegroupConfig, run_regroup,
         help="embed a corpus and cluster it into k domains",
         description="Embed a corpus with sentence-transformers on Ray Data, cluster it with distributed k-means, "
-                    "and write it split into domains (OUT/data/domain=<id>/, OUT/domains.json).",
+                    "and write it split into domains (OUT/data/domain-<id>/, OUT/domains.json).",
     )
 
     add_stage_command(

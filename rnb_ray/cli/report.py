@@ -21,12 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser(
         "export",
-        help="write the final mixture as JSON, CSV or a Megatron-style blend list",
+        help="write the final mixture (or, with --schedule, the mixture over training) as JSON, CSV, a "
+             "Megatron-style blend list or Hugging Face interleave_datasets probabilities",
         description="json: {domain: weight}; csv: domain,weight,documents,path; megatron: one "
-                    "'weight path' pair per line, path = the domain's parquet directory.",
+                    "'weight path' pair per line, path = the domain's parquet directory; hf: {domains, "
+                    "probabilities, data_files, data_dirs} for datasets.interleave_datasets. --schedule: the "
+                    "mixture from each step on (json/csv/hf), from the run's trajectory.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="output directory of `rnb run` or `rnb train`")
     e.add_argument("--format", default="json", help=f"one of {', '.join(FORMATS)} (default: json)")
+    e.add_argument("--schedule", action="store_true",
+                   help="export the schedule (step -> weights over training) instead of only the final mixture")
     e.add_argument("--output", default=None, help="file to write (default: print to stdout)")
     e.set_defaults(handler=_export)
 
@@ -42,7 +47,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rnb_ray.export import export
 
-    text = export(args.run_dir, args.format, args.output)
+    text = export(args.run_dir, args.format, args.output, with_schedule=args.schedule)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -5,7 +5,7 @@ cluster without training data could not be sampled). Documents are embedded with
 embedding backend (``domains.json``'s ``embed_backend``; another backend would put them in another vector
 space, so it is refused), in the same Ray Data actor pool, and written like the regroup output:
 
-    OUT/data/domain=<id>/part-*.parquet   every input column + ``domain`` (int64)
+    OUT/data/domain-<id>/part-*.parquet   every input column + ``domain`` (int64)
     OUT/assignment.json                   {"domains", "input", "k", "n_documents", "n_dropped_empty",
                                            "n_replaced_utf8", "sizes": {"<id>": n}}
 
@@ -176,7 +176,7 @@ def assign(domains_json: str | Path, input: str | Path, output: str | Path, *, t
     Args:
         domains_json: ``OUT/domains.json`` of an ``rnb regroup`` run (its ``centroids.npy`` beside it).
         input: parquet/jsonl/csv file or directory.
-        output: directory to write (atomically): ``data/domain=<id>/`` and ``assignment.json``.
+        output: directory to write (atomically): ``data/domain-<id>/`` and ``assignment.json``.
         text_column: text column of ``input``; default: the regroup's.
         overwrite: replace a non-empty ``output``.
         embed_backend: default (None) the regroup's (``domains.json``); another one is refused.

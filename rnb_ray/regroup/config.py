@@ -86,7 +86,7 @@ def _check_embedding(embed_batch_size: int, embed_actors: int | None, embed_thre
 class RegroupConfig:
     """Settings of ``rnb regroup``: read → embed (cached) → k-means → write domains."""
 
-    output: str = field(metadata=_help("output directory (domains.json, centroids.npy, data/domain=<id>/)"))
+    output: str = field(metadata=_help("output directory (domains.json, centroids.npy, data/domain-<id>/)"))
     input: str | None = field(default=None, metadata=_help(
         "parquet/jsonl/csv file or directory; default: the embedded stdlib-docstring corpus"))
     text_column: str = field(default="text", metadata=_help("column holding the document text"))
@@ -160,7 +160,7 @@ class AssignConfig:
 
     domains: str = field(metadata=_help("domains.json written by rnb regroup"))
     input: str = field(metadata=_help("parquet/jsonl/csv file or directory of new documents"))
-    output: str = field(metadata=_help("output directory (data/domain=<id>/, assignment.json)"))
+    output: str = field(metadata=_help("output directory (data/domain-<id>/, assignment.json)"))
     text_column: str | None = field(default=None, metadata=_help(
         "column holding the text (default: the one used by the regroup)"))
     embed_batch_size: int = field(default=128, metadata=_help("documents per Ray Data batch; each is embedded in length-sorted passes of at most this many documents and 1024 padded tokens"))

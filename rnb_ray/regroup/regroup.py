@@ -32,7 +32,7 @@ from rnb_ray import storage
 from rnb_ray.config import to_dict
 from rnb_ray.corpus import INTERNAL_COLUMNS, ROW_ID, Corpus
 from rnb_ray.errors import RnbError
-from rnb_ray.outputs import atomic_output, check_output_dir, ensure_dir
+from rnb_ray.outputs import atomic_output, check_output_dir, domain_dir, ensure_dir
 from rnb_ray.ray_env import ordered_execution, rnb_errors_from_ray
 from rnb_ray.regroup import kmeans as km
 from rnb_ray.regroup.backends import require_packages
@@ -56,15 +56,16 @@ RENAMED_DOMAIN = "domain_original"
 
 
 def write_domain_parts(out: pa.Table, labels: np.ndarray, data_dir: str, name: str, filesystem: Any = None) -> None:
-    """``data_dir/domain=<d>/<name>`` for every domain in ``labels``: locally, or in ``filesystem``."""
+    """``data_dir/domain-<d>/<name>`` for every domain in ``labels``: locally, or in ``filesystem``
+    (:func:`rnb_ray.outputs.domain_dir`: the ``domain`` column is in the file, the directory is not hive)."""
     for d in np.unique(labels):
         sub = out.filter(pa.array(labels == d))
         if filesystem is None:
-            target = os.path.join(data_dir, f"{DOMAIN}={int(d)}")
+            target = os.path.join(data_dir, domain_dir(int(d)))
             os.makedirs(target, exist_ok=True)
             pq.write_table(sub, os.path.join(target, name))
         else:  # object store: no directories to make
-            pq.write_table(sub, f"{data_dir}/{DOMAIN}={int(d)}/{name}", filesystem=filesystem)
+            pq.write_table(sub, f"{data_dir}/{domain_dir(int(d))}/{name}", filesystem=filesystem)
 
 
 def _label_and_write(batch: pa.Table, *, data_dir: str, cache_dir: str, parts: list[tuple[str, int, int]],
@@ -124,7 +125,7 @@ class WriteStats:
 
 def label_and_write(corpus: Corpus, emb: EmbeddingSet, centroids: np.ndarray, metric: str, data_dir: Path | str,
                     representatives: int, filesystem: Any = None) -> WriteStats:
-    """Stream the corpus through nearest-centroid labelling into ``data_dir/domain=<id>/``.
+    """Stream the corpus through nearest-centroid labelling into ``data_dir/domain-<id>/``.
 
     ``filesystem``: None for a local ``data_dir``, else the pyarrow filesystem it is in (pickled into the tasks).
     """
@@ -198,7 +199,7 @@ def domains_document(cfg: RegroupConfig, emb: EmbeddingSet, kmr: KMeansResult, s
 def write_regrouped(cfg: RegroupConfig, emb: EmbeddingSet, km_result: KMeansResult) -> Path | str:
     """Write the output directory of ``cfg.output`` atomically; returns its path (the URI for object stores).
 
-    Layout (ARCHITECTURE.md): ``data/domain=<id>/part-*.parquet`` (every input column plus ``domain``
+    Layout (ARCHITECTURE.md): ``data/domain-<id>/part-*.parquet`` (every input column plus ``domain``
     int64; an input column already named ``domain`` is kept as ``domain_original``), ``domains.json``,
     ``centroids.npy`` (float32 (k, d)), ``config.json``. ``domains.json`` is written last.
     """

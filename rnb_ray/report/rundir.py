@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rnb_ray.errors import RnbError
+from rnb_ray.outputs import domain_of_dir
 
 # Keys of a training config.json that may name the regrouped corpus it trained on.
 _DATA_KEYS = ("data", "input", "train_data", "domains", "regroup", "corpus")
@@ -22,7 +23,7 @@ class RunFiles:
     root: Path
     kind: str  # "pipeline" or "train"
     train: Path  # training run directory (metrics.jsonl, mixture.json)
-    regroup: Path | None  # regroup output (domains.json, data/domain=<id>/)
+    regroup: Path | None  # regroup output (domains.json, data/domain-<id>/)
     sweep: Path | None  # sweep output (results.json, best.json)
 
     @property
@@ -122,13 +123,15 @@ def final_mixture(run: RunFiles) -> dict[str, float]:
 
 
 def domain_dirs(run: RunFiles) -> dict[str, Path]:
-    """Domain name → parquet directory of that domain in the regrouped corpus (hive partition)."""
+    """Domain name → parquet directory of that domain in the regrouped corpus (``domain-<id>``, or the older
+    hive-style ``domain=<id>``)."""
     if run.regroup is None:
         return {}
     data = run.regroup / "data"
     out = {}
     if data.is_dir():
         for d in sorted(data.iterdir()):
-            if d.is_dir() and d.name.startswith("domain="):
-                out[d.name.split("=", 1)[1]] = d.resolve()
+            name = domain_of_dir(d.name) if d.is_dir() else None
+            if name is not None:
+                out[name] = d.resolve()
     return out

@@ -85,7 +85,7 @@ def test_regroup_reads_and_writes_s3(s3, s3_corpus, regrouped_s3):
     assert [doc["sizes"][str(d)] for d in range(3)] == sizes.tolist() and sizes.min() > 0
     # every part sits in the directory of its domain
     for frag in pads.dataset(f"{root}/data", filesystem=s3, format="parquet").get_fragments():
-        d = int(frag.path.split("domain=")[1].split("/")[0])
+        d = int(frag.path.split("domain-")[1].split("/")[0])
         assert set(frag.to_table(columns=["domain"]).column(0).to_pylist()) == {d}
     C = np.load(s3.open_input_file(f"{root}/centroids.npy"))
     assert C.shape == (3, doc["dim"]) and np.allclose(np.linalg.norm(C, axis=1), 1, atol=1e-5)
@@ -120,7 +120,7 @@ def test_training_plan_reads_the_s3_regroup_output(s3, regrouped_s3, tmp_path):
     texts = reader(key, rows[:3])
     assert len(texts) == len(rows[:3]) and all(isinstance(t, str) and t for t in texts)
     # a separate evaluation set given as a URI (here a single object of the regrouped data)
-    part = next(p for p in _objects(s3, f"{BUCKET}/out/regrouped/data/domain=1"))
+    part = next(p for p in _objects(s3, f"{BUCKET}/out/regrouped/data/domain-1"))
     with_eval = prepare_plan(TrainConfig(data=regrouped_s3, eval_data=f"s3://{part}", output=str(tmp_path / "r")))
     assert with_eval.q_source == "eval_data" and with_eval.q.tolist() == [0.0, 1.0, 0.0]
     assert with_eval.eval_sizes.tolist() == [0, pq.read_metadata(part, filesystem=s3).num_rows, 0]

@@ -110,9 +110,10 @@ def test_every_document_once_with_its_domain(regrouped, small_corpus):
     assert all(by_id[i] == s for i, s in zip(ids, t.column("source").to_pylist(), strict=True))
     utf8 = t.filter(pa.compute.equal(t.column("id"), "x.utf8")).column("text")[0].as_py()
     assert utf8 == BAD_UTF8.decode("utf-8", errors="replace")
-    # the hive directory agrees with the column in every file
+    # the domain-<id> directory agrees with the column in every file
     for f in (regrouped / "data").rglob("*.parquet"):
-        d = int(f.parent.name.split("=")[1])
+        assert f.parent.name.startswith("domain-")
+        d = int(f.parent.name.split("-")[1])
         assert set(pq.read_table(f).column("domain").to_pylist()) == {d}
     sizes = json.loads((regrouped / "domains.json").read_text())["sizes"]
     counts = np.bincount(t.column("domain").to_numpy(), minlength=K)
@@ -238,6 +239,43 @@ def test_assign_routes_documents_to_the_same_domains(regrouped, ray_session, sma
     got = dict(zip(t.column("doc").to_pylist(), t.column("domain").to_pylist(), strict=True))
     same = sum(regroup_domain[i] == d for i, d in got.items())
     assert same == len(got), f"{len(got) - same} of {len(got)} documents changed domain"
+    assert {d.name for d in (out / "data").iterdir()} == {f"domain-{d}" for d in set(got.values())}
+
+
+def test_every_reader_reads_the_output(regrouped, ray_session, tmp_path):
+    """pandas, polars, DuckDB, Hugging Face datasets, pyarrow (hive on) and Ray Data all read OUT/data with
+    one int64 `domain` column that agrees with domains.json (issue 14: pandas used to refuse it)."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    data = regrouped / "data"
+    sizes = json.loads((regrouped / "domains.json").read_text())["sizes"]
+    want = {int(d): n for d, n in sizes.items() if n}
+
+    def counts(values) -> dict[int, int]:
+        u, c = np.unique(np.asarray(values), return_counts=True)
+        return dict(zip(u.tolist(), c.tolist(), strict=True))
+
+    df = pd.read_parquet(data)
+    assert str(df["domain"].dtype) == "int64" and counts(df["domain"]) == want
+    for frame in (pl.read_parquet(f"{data}/**/*.parquet", hive_partitioning=True),
+                  pl.scan_parquet(f"{data}/**/*.parquet", hive_partitioning=True).collect()):
+        assert frame.schema["domain"] == pl.Int64 and counts(frame["domain"].to_numpy()) == want
+    rows = duckdb.sql(f"SELECT domain, count(*) FROM read_parquet('{data}/**/*.parquet', hive_partitioning=true) "
+                      "GROUP BY domain").fetchall()
+    assert dict(rows) == want
+    assert duckdb.sql(f"SELECT typeof(domain) FROM read_parquet('{data}/**/*.parquet', hive_partitioning=true) "
+                      "LIMIT 1").fetchall() == [("BIGINT",)]
+    hf = datasets.load_dataset("parquet", data_dir=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    assert hf.features["domain"].dtype == "int64" and counts(hf["domain"]) == want
+    t = pads.dataset(data, format="parquet", partitioning="hive").to_table()
+    assert t.schema.field("domain").type == pa.int64() and counts(t.column("domain").to_numpy()) == want
+    assert pq.read_table(data).schema.field("domain").type == pa.int64()
+    ds = ray_session.data.read_parquet(str(data))
+    assert ds.schema().base_schema.field("domain").type == pa.int64()
+    assert counts(ds.to_pandas()["domain"]) == want
 
 
 def test_cache_hit_and_invalidation(ray_session, sample_corpus, tmp_path):

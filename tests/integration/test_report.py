@@ -17,6 +17,7 @@ from test_pipeline import pipeline_run
 from rnb_ray.cli import main
 from rnb_ray.errors import RnbError
 from rnb_ray.export import export
+from rnb_ray.outputs import domain_of_dir
 from rnb_ray.report.html import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +94,15 @@ def test_export_formats_of_a_real_run(run_dir, tmp_path):
     for line in out.read_text().splitlines():
         weight, path = line.split(" ", 1)
         total += float(weight)
-        assert pq.read_table(path).num_rows == sizes[path.rsplit("=", 1)[1]]
+        assert pq.read_table(path).num_rows == sizes[domain_of_dir(Path(path).name)]
     assert abs(total - 1) < 1e-6
+    # the schedule follows the trajectory; the hf form sums to 1 in domain order
+    trajectory = json.loads((run_dir / "train" / "mixture.json").read_text())["trajectory"]
+    schedule = json.loads(export(run_dir, "json", with_schedule=True))["schedule"]
+    assert [e["step"] for e in schedule] == [t["step"] for t in trajectory]
+    assert [list(e["weights"].values()) for e in schedule] == [t["mixture"] for t in trajectory]
+    hf = json.loads(export(run_dir, "hf"))
+    assert hf["domains"] == list(mixture) and abs(sum(hf["probabilities"]) - 1) < 1e-9
+    assert all(pq.read_table(d).num_rows == sizes[n] for n, d in zip(hf["domains"], hf["data_dirs"], strict=True))
     with pytest.raises(RnbError, match="unknown export format"):
         export(run_dir, "tfrecord")
