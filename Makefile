@@ -20,11 +20,11 @@ demo: setup
 	$(VENV)/bin/rnb run --output runs/demo
 
 test: setup
-	$(VENV)/bin/ruff check rnb_ray jobs tests benchmarks
+	$(VENV)/bin/ruff check rnb_ray jobs tests benchmarks examples
 	$(PY) -m pytest -q --durations=15
 
 lint: setup
-	$(VENV)/bin/ruff check rnb_ray jobs tests benchmarks
+	$(VENV)/bin/ruff check rnb_ray jobs tests benchmarks examples
 
 bench: setup
 	$(PY) benchmarks/run_all.py
