@@ -1,0 +1,126 @@
+"""Token shards: the Megatron indexed-dataset format read back and checked byte by byte against its layout,
+the manifest checks training relies on (tokenizer, corrupt shards, empty domains), and byte encoding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnb_ray.balance.lm import load_tokenizer
+from rnb_ray.errors import RnbError
+from rnb_ray.tokens.encode import encode_documents, tokenizer_info
+from rnb_ray.tokens.indexed import ShardError, open_shard, token_dtype, write_shard
+from rnb_ray.tokens.shards import FORMAT, check_tokenizer, is_token_dir, open_token_dir
+
+
+def _docs(seed: int, n: int, vocab: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(1, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("vocab", [259, 70_000])
+def test_round_trip_and_idx_layout_match_megatron(tmp_path, vocab):
+    docs = _docs(0, 25, vocab)
+    dtype = token_dtype(vocab)
+    assert dtype == (np.uint16 if vocab < 65500 else np.int32)
+    n, t = write_shard(tmp_path / "part-00000", docs, dtype)
+    assert (n, t) == (25, sum(len(d) for d in docs))
+    shard = open_shard(tmp_path / "part-00000")
+    assert len(shard) == 25 and shard.n_tokens == t
+    for i, d in enumerate(docs):
+        np.testing.assert_array_equal(shard.document(i), d)
+
+    # Independent parse of the .idx, following Megatron-LM's _IndexWriter field by field.
+    raw = (tmp_path / "part-00000.idx").read_bytes()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    version, code, seqs, doc_count = struct.unpack_from("<QBQQ", raw, 9)
+    assert version == 1 and code == (8 if vocab < 65500 else 4) and seqs == 25 and doc_count == 26
+    off = 9 + 8 + 1 + 8 + 8
+    lengths = struct.unpack_from(f"<{seqs}i", raw, off)
+    pointers = struct.unpack_from(f"<{seqs}q", raw, off + 4 * seqs)
+    doc_idx = struct.unpack_from(f"<{doc_count}q", raw, off + 12 * seqs)
+    assert len(raw) == off + 12 * seqs + 8 * doc_count
+    assert list(lengths) == [len(d) for d in docs]
+    item = np.dtype(dtype).itemsize
+    assert list(pointers) == [item * sum(len(d) for d in docs[:i]) for i in range(25)]
+    assert list(doc_idx) == list(range(26))
+    flat = np.frombuffer((tmp_path / "part-00000.bin").read_bytes(), dtype=np.dtype(dtype).newbyteorder("<"))
+    np.testing.assert_array_equal(flat, np.concatenate(docs))
+
+
+def test_corrupt_shards_are_refused(tmp_path):
+    write_shard(tmp_path / "a", _docs(1, 5, 200), np.uint16)
+    shutil.copy(tmp_path / "a.idx", tmp_path / "b.idx")
+    (tmp_path / "b.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-2])  # one token short
+    with pytest.raises(ShardError, match="b.bin holds"):
+        open_shard(tmp_path / "b")
+    (tmp_path / "c.idx").write_bytes(b"NOTMAGIC!" + (tmp_path / "a.idx").read_bytes()[9:])
+    shutil.copy(tmp_path / "a.bin", tmp_path / "c.bin")
+    with pytest.raises(ShardError, match="bad magic"):
+        open_shard(tmp_path / "c")
+    (tmp_path / "d.idx").write_bytes((tmp_path / "a.idx").read_bytes()[:40])
+    shutil.copy(tmp_path / "a.bin", tmp_path / "d.bin")
+    with pytest.raises(ShardError, match="truncated"):
+        open_shard(tmp_path / "d")
+
+
+def test_byte_fast_path_equals_byt5_tokenizer():
+    tok = load_tokenizer(None, "byte")
+    texts = ["hello world", "ünïcödé ✓", "a"]
+    fast = encode_documents(tok, texts, end=tok.eos_token_id)
+    slow = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    assert [f.tolist() for f in fast] == slow
+
+
+def make_token_dir(root: Path, per_domain: dict[str, list[list[np.ndarray]]], tok_name: str = "byte") -> Path:
+    """A token directory as `rnb tokenize` writes it (shards + tokens.json), built without Ray."""
+    info = tokenizer_info(load_tokenizer(None, tok_name), tok_name)
+    by: dict = {}
+    for d, shards in per_domain.items():
+        (root / f"domain={d}").mkdir(parents=True)
+        by[d] = {"documents": 0, "tokens": 0, "shards": []}
+        for i, docs in enumerate(shards):
+            rel = f"domain={d}/part-{i:05d}"
+            n, t = write_shard(root / rel, docs, token_dtype(info["vocab_size"]))
+            by[d]["documents"] += n
+            by[d]["tokens"] += t
+            by[d]["shards"].append(rel)
+    (root / "tokens.json").write_text(json.dumps({"format": FORMAT, "format_version": 1, "tokenizer": info,
+                                                  "domains": list(per_domain), "by_domain": by}))
+    return root
+
+
+def test_token_dir_checks(tmp_path):
+    tok = load_tokenizer(None, "byte")
+    docs = {"0": [encode_documents(tok, ["abc", "de"], 1)], "1": [encode_documents(tok, ["xyz"] * 3, 1)]}
+    good = make_token_dir(tmp_path / "good", docs)
+    td = open_token_dir(good)
+    assert td.domains == ["0", "1"] and is_token_dir(good)
+    check_tokenizer(td, tokenizer_info(tok, "byte"), "--data")
+
+    bert = tokenizer_info(load_tokenizer(None, None), "bert")  # the offline default tokenizer
+    with pytest.raises(RnbError, match="written with tokenizer 'byte'.*tokens.json"):
+        check_tokenizer(td, bert, "--data")
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "tokens.json").unlink()
+    assert is_token_dir(missing)
+    with pytest.raises(RnbError, match="no tokens.json"):
+        open_token_dir(missing)
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(good, trunc)
+    b = trunc / "domain=1" / "part-00000.bin"
+    b.write_bytes(b.read_bytes()[:-1])
+    with pytest.raises(RnbError, match=r"domain=1/part-00000.*corrupt"):
+        open_token_dir(trunc)
+
+    empty = make_token_dir(tmp_path / "empty", {"0": docs["0"], "1": [[]]})
+    with pytest.raises(RnbError, match=r"domain 1 has no documents.*domain=1"):
+        open_token_dir(empty)
