@@ -47,8 +47,15 @@ def encode_documents(tok: Any, texts: list[str], end: int) -> list[np.ndarray]:
             ids[-1] = end
             out.append(ids)
         return out
-    enc = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    return [np.asarray([*ids, end], dtype=np.int64) for ids in enc]
+    enc = tok(texts, add_special_tokens=False, verbose=False, return_attention_mask=False,
+              return_token_type_ids=False)["input_ids"]
+    out = []
+    for ids in enc:
+        a = np.empty(len(ids) + 1, dtype=np.int64)
+        a[:-1] = ids
+        a[-1] = end
+        out.append(a)
+    return out
 
 
 def vocab_sha256(tok: Any) -> str:

@@ -56,9 +56,12 @@ def write_shard(prefix: str | Path, documents: list[np.ndarray], dtype: np.dtype
     lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
     if len(lengths) and lengths.max() > np.iinfo(np.int32).max:
         raise ShardError("a document is longer than 2^31 tokens")
-    with open(prefix.with_suffix(".bin"), "wb") as f:
-        for d in documents:
-            f.write(np.ascontiguousarray(d, dtype=dtype).tobytes(order="C"))
+    flat = np.concatenate(documents) if documents else np.zeros(0, dtype=dtype)
+    if flat.dtype != dtype and len(flat):
+        info = np.iinfo(dtype) if dtype.kind in "iu" else None
+        if info is not None and (flat.min() < info.min or flat.max() > info.max):
+            raise ShardError(f"token ids outside {dtype.name}: {flat.min()}..{flat.max()}")
+    flat.astype(dtype.newbyteorder("<"), copy=False).tofile(prefix.with_suffix(".bin"))
     pointers = np.zeros(len(lengths), dtype=np.int64)
     if len(lengths) > 1:
         pointers[1:] = np.cumsum(lengths[:-1]) * dtype.itemsize

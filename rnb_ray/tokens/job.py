@@ -97,6 +97,9 @@ def plan_units(cfg: TokenizeConfig) -> tuple[Any, list[Unit], Path | None]:
     return fs, units, domains_json
 
 
+ROW_KEYS = ("unit", "domain", "path", "documents", "tokens", "dropped_empty", "dropped_no_domain", "seconds")
+
+
 class TokenizeActor:
     """A Ray Data actor: tokenises whole units and writes their shards (callable class for ``map_batches``)."""
 
@@ -124,40 +127,41 @@ class TokenizeActor:
         return texts, doms
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from rnb_ray.tokens.encode import encode_documents
-
-        rows: dict[str, list[Any]] = {k: [] for k in ("unit", "domain", "path", "documents", "tokens",
-                                                      "dropped_empty", "dropped_no_domain")}
+        rows: list[dict[str, Any]] = []
         for i in range(len(batch["index"])):
-            rg = int(batch["row_group"][i])
-            hive = batch["hive_domain"][i]
+            rg, hive = int(batch["row_group"][i]), batch["hive_domain"][i]
             unit = Unit(int(batch["index"][i]), str(batch["path"][i]), None if rg < 0 else rg,
                         None if hive is None or hive == "" else str(hive))
-            texts, doms = self._read(unit)
-            empty = no_domain = 0
-            by: dict[str, list[str]] = {}
-            for t, d in zip(texts, doms, strict=True):
-                if t is None or not str(t).strip():
-                    empty += 1
-                elif d is None:
-                    no_domain += 1
-                else:
-                    by.setdefault(d, []).append(str(t))
-            written = False
-            for d, ts in by.items():
-                docs = encode_documents(self.tok, ts, self.end)
-                rel = f"domain={d}/part-{unit.index:05d}"
-                (self.out / f"domain={d}").mkdir(parents=True, exist_ok=True)
-                n_docs, n_tok = write_shard(self.out / rel, docs, self.dtype)
-                for k, v in (("unit", unit.index), ("domain", d), ("path", rel), ("documents", n_docs),
-                             ("tokens", n_tok), ("dropped_empty", empty if not written else 0),
-                             ("dropped_no_domain", no_domain if not written else 0)):
-                    rows[k].append(v)
-                written = True
-            if not written:
-                for k, v in (("unit", unit.index), ("domain", ""), ("path", ""), ("documents", 0), ("tokens", 0),
-                             ("dropped_empty", empty), ("dropped_no_domain", no_domain)):
-                    rows[k].append(v)
+            rows.extend(self.tokenize_unit(unit))
+        return {k: [r[k] for r in rows] for k in ROW_KEYS}
+
+    def tokenize_unit(self, unit: Unit) -> list[dict[str, Any]]:
+        """Write the unit's shards (one per domain in it); one row per shard (or one empty row), the unit's
+        drop counts and seconds on the first."""
+        from rnb_ray.tokens.encode import encode_documents
+
+        t0 = time.perf_counter()
+        texts, doms = self._read(unit)
+        empty = no_domain = 0
+        by: dict[str, list[str]] = {}
+        for t, d in zip(texts, doms, strict=True):
+            if t is None or not str(t).strip():
+                empty += 1
+            elif d is None:
+                no_domain += 1
+            else:
+                by.setdefault(d, []).append(str(t))
+        rows = []
+        for d, ts in by.items():
+            rel = f"domain={d}/part-{unit.index:05d}"
+            (self.out / f"domain={d}").mkdir(parents=True, exist_ok=True)
+            n_docs, n_tok = write_shard(self.out / rel, encode_documents(self.tok, ts, self.end), self.dtype)
+            rows.append({"unit": unit.index, "domain": d, "path": rel, "documents": n_docs, "tokens": n_tok})
+        if not rows:
+            rows.append({"unit": unit.index, "domain": "", "path": "", "documents": 0, "tokens": 0})
+        for j, r in enumerate(rows):
+            r.update(dropped_empty=empty if j == 0 else 0, dropped_no_domain=no_domain if j == 0 else 0,
+                     seconds=time.perf_counter() - t0 if j == 0 else 0.0)
         return rows
 
 
@@ -222,6 +226,7 @@ def _manifest(cfg: TokenizeConfig, rows: list[dict[str, Any]], info: dict[str, A
         "n_documents": sum(b["documents"] for b in by.values()), "n_tokens": sum(b["tokens"] for b in by.values()),
         "n_dropped_empty": sum(int(r["dropped_empty"]) for r in rows),
         "n_dropped_no_domain": sum(int(r["dropped_no_domain"]) for r in rows),
+        "seconds_in_actors": sum(float(r["seconds"]) for r in rows),  # reading, tokenizing, writing
         "source": str(Path(cfg.data).absolute()) if "://" not in cfg.data else cfg.data,
         "source_units": source_files, "text_column": cfg.text_column, "domain_column": cfg.domain_column,
         "domains_json": None,
