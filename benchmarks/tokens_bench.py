@@ -97,7 +97,7 @@ def bench_train(root: Path, args: argparse.Namespace) -> dict:
 
         ray_env.connect(None, num_cpus=2)
         tokenize_corpus(TokenizeConfig(data=str(raw), output=str(tok_dir), tokenizer="byte", workers=1))
-    steps = 12 if args.quick else 40
+    steps = 8 if args.quick else 40
     common = dict(tokenizer="byte", batch_size=16, seq_len=256, n_layer=2, n_embd=64, n_head=2,
                   update_every=5, steps=steps, eval_every=steps, log_every=steps, workers=1, strategy="rnb",
                   eval_max_per_domain=8)
@@ -128,7 +128,7 @@ def bench_tokenize(root: Path, args: argparse.Namespace) -> dict:
     from rnb_ray.tokens.job import tokenize_corpus
 
     texts, doms = short_documents(root)
-    repeat = 8 if args.quick else 40
+    repeat = 4 if args.quick else 100
     data = write_regrouped(root, texts, doms, repeat=repeat, row_group=4096)
     ray_env.connect(None, num_cpus=2)
     runs: list[dict] = []
