@@ -20,6 +20,7 @@ counted in tokens (training tokens per domain; held-out tokens per domain).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.packing import Packer, pack_sequences
 from rnb_ray.balance.split import is_heldout, source_key
 from rnb_ray.errors import RnbError
-from rnb_ray.tokens.indexed import Shard
+from rnb_ray.tokens.indexed import Shard, read_sizes
 from rnb_ray.tokens.shards import TokenDir, check_tokenizer, is_token_dir, open_checked, open_token_dir
 
 
@@ -75,7 +76,7 @@ def is_token_data(path: str | None) -> bool:
 
 
 def _domain_shards(td: TokenDir, i: int) -> DomainShards:
-    return DomainShards(str(td.root), tuple((rel, len(td.shard(rel))) for rel in td.shards[i]))
+    return DomainShards(str(td.root), tuple((rel, td.counts[rel]) for rel in td.shards[i]))
 
 
 def _heldout(rel: str, n: int, seed: int, fraction: float) -> np.ndarray:
@@ -99,7 +100,7 @@ def prepare_token_plan(cfg: TrainConfig) -> TokenPlan:
     sizes, eval_sizes, docs = (np.zeros(len(train), dtype=np.int64) for _ in range(3))
     for d, ds in enumerate(train):
         for rel, n in ds.shards:
-            shard_sizes = np.asarray(td.shard(rel).sizes, dtype=np.int64)
+            shard_sizes = read_sizes(td.root / rel)  # document lengths, read and dropped shard by shard
             held = _heldout(rel, n, cfg.seed, fraction)
             sizes[d] += int(shard_sizes[~held].sum())
             eval_sizes[d] += int(shard_sizes[held].sum())
@@ -148,18 +149,34 @@ def prepare_token_plan(cfg: TrainConfig) -> TokenPlan:
 
 
 # ---------------------------------------------------------------------------------------------- workers
+class ShardCache:
+    """The shards a worker has open (memory maps hold a file descriptor each): the ``max_open`` most recently
+    used, shared by all of the worker's domains."""
+
+    def __init__(self, max_open: int = 64):
+        self.max_open = max_open
+        self._open: OrderedDict[tuple[str, str], Shard] = OrderedDict()
+
+    def get(self, root: str, rel: str) -> Shard:
+        key = (root, rel)
+        s = self._open.get(key)
+        if s is None:
+            s = self._open[key] = open_checked(Path(root), rel)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(key)
+        return s
+
+
 class ShardReader:
     """A worker's documents of one domain by number (0 … total-1 across its shards, in order)."""
 
-    def __init__(self, ds: DomainShards):
-        self.ds, self.offsets = ds, ds.offsets
-        self._shards: dict[int, Shard] = {}
+    def __init__(self, ds: DomainShards, cache: ShardCache):
+        self.ds, self.offsets, self.cache = ds, ds.offsets, cache
 
     def shard(self, i: int) -> Shard:
-        s = self._shards.get(i)
-        if s is None:
-            s = self._shards[i] = open_checked(Path(self.ds.root), self.ds.shards[i][0])
-        return s
+        return self.cache.get(self.ds.root, self.ds.shards[i][0])
 
     def __call__(self, doc: int) -> np.ndarray:
         i = int(np.searchsorted(self.offsets, doc, side="right")) - 1
@@ -180,13 +197,14 @@ def token_worker_data(plan: TokenPlan, rank: int, world: int, seed: int
                       ) -> tuple[list[Packer], list[list[np.ndarray]]]:
     """This worker's packer per domain, and its share of each domain's evaluation sequences."""
     packers, evals = [], []
+    cache = ShardCache()
     for d, ds in enumerate(plan.train):
-        reader = ShardReader(ds)
+        reader = ShardReader(ds, cache)
         train, held = reader.split(plan.seed, plan.eval_fraction)
         mine = train if len(train) < world else train[np.arange(len(train)) % world == rank]
         packers.append(Packer(mine, plan.seq_len, seed=seed * 7919 + rank * 131 + d, fetch=reader))
         if plan.eval[d] is not None:
-            ereader = ShardReader(plan.eval[d])
+            ereader = ShardReader(plan.eval[d], cache)
             eval_docs = np.arange(int(ereader.offsets[-1]), dtype=np.int64)
         else:
             ereader, eval_docs = reader, held

@@ -115,9 +115,7 @@ def read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
     return np.dtype(DTYPE_CODES[code]), int(s), int(d)
 
 
-def open_shard(prefix: str | Path) -> Shard:
-    """Open ``PREFIX.{bin,idx}``, checking the index against itself and against the size of ``.bin``."""
-    prefix = Path(prefix)
+def _layout(prefix: Path) -> tuple[Path, Path, np.dtype, int, int]:
     idx, binf = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
     if not idx.is_file() or not binf.is_file():
         raise ShardError(f"missing {idx.name if not idx.is_file() else binf.name}")
@@ -125,14 +123,45 @@ def open_shard(prefix: str | Path) -> Shard:
     expected = HEADER_BYTES + 4 * s + 8 * s + 8 * d
     if idx.stat().st_size < expected:
         raise ShardError(f"index truncated: {idx.stat().st_size} bytes, the header promises {expected}")
-    sizes = np.memmap(idx, dtype="<i4", mode="r", offset=HEADER_BYTES, shape=(s,)) if s else np.zeros(0, "<i4")
-    pointers = (np.memmap(idx, dtype="<i8", mode="r", offset=HEADER_BYTES + 4 * s, shape=(s,)) if s
-                else np.zeros(0, "<i8"))
-    doc_index = np.memmap(idx, dtype="<i8", mode="r", offset=HEADER_BYTES + 12 * s, shape=(d,)) if d else np.zeros(0, "<i8")
-    n_tokens = int(pointers[-1]) // dtype.itemsize + int(sizes[-1]) if s else 0
+    return idx, binf, dtype, s, d
+
+
+def _check_bin(binf: Path, dtype: np.dtype, n_tokens: int) -> None:
     bin_bytes = binf.stat().st_size
     if bin_bytes != n_tokens * dtype.itemsize:
         raise ShardError(f"{binf.name} holds {bin_bytes} bytes, its index says {n_tokens * dtype.itemsize} "
                          f"({n_tokens} tokens of {dtype.name})")
+
+
+def check_shard(prefix: str | Path) -> tuple[int, int]:
+    """(documents, tokens) of ``PREFIX.{bin,idx}``, checked as ``open_shard`` checks it, reading only the header
+    and the last entries (O(1), nothing left open: a driver can check thousands of shards)."""
+    idx, binf, dtype, s, _ = _layout(Path(prefix))
+    n_tokens = 0
+    if s:
+        last_size = np.fromfile(idx, dtype="<i4", count=1, offset=HEADER_BYTES + 4 * (s - 1))[0]
+        last_ptr = np.fromfile(idx, dtype="<i8", count=1, offset=HEADER_BYTES + 4 * s + 8 * (s - 1))[0]
+        n_tokens = int(last_ptr) // dtype.itemsize + int(last_size)
+    _check_bin(binf, dtype, n_tokens)
+    return s, n_tokens
+
+
+def read_sizes(prefix: str | Path) -> np.ndarray:
+    """The document lengths of a shard (int64), read into memory (the index file is not kept open)."""
+    idx = Path(prefix).with_suffix(".idx")
+    _, s, _ = read_header(idx)
+    return np.fromfile(idx, dtype="<i4", count=s, offset=HEADER_BYTES).astype(np.int64)
+
+
+def open_shard(prefix: str | Path) -> Shard:
+    """Open ``PREFIX.{bin,idx}`` memory-mapped (one map per file), checking the index against itself and against
+    the size of ``.bin``."""
+    idx, binf, dtype, s, d = _layout(Path(prefix))
+    raw = np.memmap(idx, dtype=np.uint8, mode="r")
+    sizes = np.frombuffer(raw, dtype="<i4", count=s, offset=HEADER_BYTES)
+    pointers = np.frombuffer(raw, dtype="<i8", count=s, offset=HEADER_BYTES + 4 * s)
+    doc_index = np.frombuffer(raw, dtype="<i8", count=d, offset=HEADER_BYTES + 12 * s)
+    n_tokens = int(pointers[-1]) // dtype.itemsize + int(sizes[-1]) if s else 0
+    _check_bin(binf, dtype, n_tokens)
     tokens = np.memmap(binf, dtype=dtype.newbyteorder("<"), mode="r") if n_tokens else np.zeros(0, dtype)
-    return Shard(prefix, dtype, sizes, pointers, doc_index, tokens)
+    return Shard(Path(prefix), dtype, sizes, pointers, doc_index, tokens)

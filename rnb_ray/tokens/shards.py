@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rnb_ray.errors import RnbError
-from rnb_ray.tokens.indexed import Shard, ShardError, open_shard
+from rnb_ray.tokens.indexed import Shard, ShardError, check_shard, open_shard
 
 MANIFEST = "tokens.json"
 FORMAT = "megatron-indexed"
@@ -46,17 +46,20 @@ class TokenDir:
     manifest: dict[str, Any]
     domains: list[str]
     shards: list[list[str]]  # per domain: relative shard prefixes
-    opened: dict[str, Shard] = field(default_factory=dict, repr=False)
+    counts: dict[str, int] = field(default_factory=dict)  # documents per shard (checked shards only)
 
     @property
     def tokenizer(self) -> dict[str, Any]:
         return self.manifest["tokenizer"]
 
     def shard(self, rel: str) -> Shard:
-        s = self.opened.get(rel)
-        if s is None:
-            s = self.opened[rel] = open_checked(self.root, rel)
-        return s
+        """Shard ``rel`` opened (memory-mapped; the caller keeps it open as long as it needs)."""
+        return open_checked(self.root, rel)
+
+
+def _corrupt(root: Path, rel: str, e: Exception) -> RnbError:
+    return RnbError(f"token shard {root / rel}.idx/.bin is corrupt: {e}", where=str(root / rel) + ".bin",
+                    fix="re-run `rnb tokenize` into a new --output")
 
 
 def open_checked(root: Path, rel: str) -> Shard:
@@ -64,8 +67,15 @@ def open_checked(root: Path, rel: str) -> Shard:
     try:
         return open_shard(root / rel)
     except (ShardError, OSError) as e:
-        raise RnbError(f"token shard {root / rel}.idx/.bin is corrupt: {e}", where=str(root / rel) + ".bin",
-                       fix="re-run `rnb tokenize` into a new --output") from e
+        raise _corrupt(root, rel, e) from e
+
+
+def check_checked(root: Path, rel: str) -> tuple[int, int]:
+    """(documents, tokens) of shard ``rel``, checked without keeping it open; RnbError naming a corrupt one."""
+    try:
+        return check_shard(root / rel)
+    except (ShardError, OSError) as e:
+        raise _corrupt(root, rel, e) from e
 
 
 def open_token_dir(path: str | Path, what: str = "--data", *, check_shards: bool = True) -> TokenDir:
@@ -93,7 +103,8 @@ def open_token_dir(path: str | Path, what: str = "--data", *, check_shards: bool
         if check_shards:
             found = 0
             for rel in rels:
-                found += len(td.shard(rel))
+                td.counts[rel] = check_checked(root, rel)[0]
+                found += td.counts[rel]
             if found != n_docs:
                 raise RnbError(f"domain {d} has {found} documents in its shards, {MANIFEST} says {n_docs}",
                                where=str(root / f"domain={d}"), fix="re-run `rnb tokenize` into a new --output")

@@ -14,7 +14,7 @@ import pytest
 from rnb_ray.balance.lm import load_tokenizer
 from rnb_ray.errors import RnbError
 from rnb_ray.tokens.encode import encode_documents, tokenizer_info
-from rnb_ray.tokens.indexed import ShardError, open_shard, token_dtype, write_shard
+from rnb_ray.tokens.indexed import ShardError, check_shard, open_shard, read_sizes, token_dtype, write_shard
 from rnb_ray.tokens.shards import FORMAT, check_tokenizer, is_token_dir, open_token_dir
 
 
@@ -32,6 +32,8 @@ def test_round_trip_and_idx_layout_match_megatron(tmp_path, vocab):
     assert (n, t) == (25, sum(len(d) for d in docs))
     shard = open_shard(tmp_path / "part-00000")
     assert len(shard) == 25 and shard.n_tokens == t
+    assert check_shard(tmp_path / "part-00000") == (25, t)  # the O(1) check the driver runs
+    np.testing.assert_array_equal(read_sizes(tmp_path / "part-00000"), [len(d) for d in docs])
     for i, d in enumerate(docs):
         np.testing.assert_array_equal(shard.document(i), d)
 
@@ -59,6 +61,8 @@ def test_corrupt_shards_are_refused(tmp_path):
     (tmp_path / "b.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-2])  # one token short
     with pytest.raises(ShardError, match="b.bin holds"):
         open_shard(tmp_path / "b")
+    with pytest.raises(ShardError, match="b.bin holds"):
+        check_shard(tmp_path / "b")
     (tmp_path / "c.idx").write_bytes(b"NOTMAGIC!" + (tmp_path / "a.idx").read_bytes()[9:])
     shutil.copy(tmp_path / "a.bin", tmp_path / "c.bin")
     with pytest.raises(ShardError, match="bad magic"):
@@ -124,3 +128,16 @@ def test_token_dir_checks(tmp_path):
     empty = make_token_dir(tmp_path / "empty", {"0": docs["0"], "1": [[]]})
     with pytest.raises(RnbError, match=r"domain 1 has no documents.*domain=1"):
         open_token_dir(empty)
+
+
+def test_worker_keeps_a_bounded_number_of_shards_open(tmp_path):
+    from rnb_ray.balance.token_plan import ShardCache
+
+    for i in range(5):
+        write_shard(tmp_path / f"p{i}", _docs(i, 3, 200), np.uint16)
+    cache = ShardCache(max_open=2)
+    first = cache.get(str(tmp_path), "p0")
+    assert cache.get(str(tmp_path), "p0") is first  # reused while recent
+    for i in range(1, 5):
+        np.testing.assert_array_equal(cache.get(str(tmp_path), f"p{i}").document(0), _docs(i, 3, 200)[0])
+    assert len(cache._open) == 2 and cache.get(str(tmp_path), "p0") is not first  # evicted, reopened
