@@ -8,6 +8,8 @@
     after `rnb tokenize` (sequences packed to exactly --seq-len, no padding). Runs are interleaved (raw,
     packed, raw, …) so machine-load drift hits both alike. Reported: real (non-padding) tokens per second of
     the loop (``tokens / seconds_train``), the padding share, and the packed/raw ratio (median of pairs).
+(a2) The data path alone (no model): real tokens per second that ``next_batch`` delivers from raw text (read the
+    row group, tokenize, pad) vs from token shards (pack), one worker — what is left of the data path's cost.
 (b) `rnb tokenize` throughput (tokens/s, the whole job: listing, actor start, tokenizing, writing) with 1 and 2
     Ray Data tokenizer actors, interleaved 1, 2, 1, 2, …, on a corpus of short documents with the offline
     BERT WordPiece tokenizer (fast, Rust); median and spread, plus the per-actor rate inside the job.
@@ -121,6 +123,60 @@ def bench_train(root: Path, args: argparse.Namespace) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
+def bench_datapath(root: Path, args: argparse.Namespace) -> dict:
+    """The data path alone (no model): batches per second of ``next_batch`` from raw text (read, tokenize, pad)
+    vs from token shards (pack), one worker, the same sampler seams the loop uses; interleaved."""
+    from rnb_ray import ray_env
+    from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.lm import load_tokenizer
+    from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_streams
+    from rnb_ray.balance.sampler import DomainSampler
+    from rnb_ray.balance.step import next_batch
+    from rnb_ray.balance.token_plan import prepare_token_plan, token_worker_data
+    from rnb_ray.tokens.config import TokenizeConfig
+    from rnb_ray.tokens.job import tokenize_corpus
+
+    texts, doms = short_documents(root)
+    raw = write_regrouped(root, texts, doms, repeat=1, row_group=256)
+    tok_dir = root / "tokens_train"
+    if not (tok_dir / "tokens.json").is_file():
+        ray_env.connect(None, num_cpus=2)
+        tokenize_corpus(TokenizeConfig(data=str(raw), output=str(tok_dir), tokenizer="byte", workers=1))
+    tok = load_tokenizer(None, "byte")
+    common = dict(output=str(root / "unused"), tokenizer="byte", batch_size=16, seq_len=256, workers=1)
+    p = None
+    samplers = {}
+    for arm, data in (("raw", raw), ("packed", tok_dir)):
+        cfg = TrainConfig(data=str(data), **common).validate()
+        if arm == "raw":
+            plan = prepare_plan(cfg)
+            samplers[arm] = lambda plan=plan: DomainSampler(
+                worker_streams(plan, 0, 1, 0, ChunkReader(plan.sources, plan.text_column)), seed=0)
+        else:
+            plan = prepare_token_plan(cfg)
+            samplers[arm] = lambda plan=plan: DomainSampler(token_worker_data(plan, 0, 1, 0)[0], seed=0)
+        p = np.full(plan.m, 1.0 / plan.m)
+    n = 40 if args.quick else 200
+    out: dict = {"batches": n, "runs": []}
+    for rep in range(args.reps):
+        for arm in ("raw", "packed"):
+            sampler = samplers[arm]()
+            next_batch(sampler, p, 16, tok, 256, by_domain=True)  # first chunk loads outside the timing
+            t0 = time.perf_counter()
+            real = 0
+            for _ in range(n):
+                b = next_batch(sampler, p, 16, tok, 256, by_domain=True)
+                real += int(b.attention_mask.sum())
+            dt = time.perf_counter() - t0
+            out["runs"].append({"arm": arm, "rep": rep, "seconds": dt, "real_tokens_per_s": real / dt,
+                                "batches_per_s": n / dt, "load": load()})
+            print(f"  data path {arm:6s} rep {rep}: {real / dt:,.0f} real tokens/s, {n / dt:.0f} batches/s", flush=True)
+    for arm in ("raw", "packed"):
+        out[f"{arm}_real_tokens_per_s_median"] = statistics.median(
+            r["real_tokens_per_s"] for r in out["runs"] if r["arm"] == arm)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- (b)
 def bench_tokenize(root: Path, args: argparse.Namespace) -> dict:
     from rnb_ray import ray_env
@@ -167,6 +223,12 @@ def table(res: dict) -> list[dict]:
                      "ratio": round(t["ratio_median"], 2),
                      "note": f"padding {t['padding_share_median']['raw']:.0%} -> {t['padding_share_median']['packed']:.0%}; "
                              f"pairs {t['ratio_min']:.2f}-{t['ratio_max']:.2f}; target >= 1.5"})
+    if "datapath" in res:
+        t = res["datapath"]
+        rows.append({"metric": "data path alone (next_batch), real tokens/s, packed vs raw text",
+                     "value": round(t["packed_real_tokens_per_s_median"]), "baseline": round(t["raw_real_tokens_per_s_median"]),
+                     "ratio": round(t["packed_real_tokens_per_s_median"] / t["raw_real_tokens_per_s_median"], 1),
+                     "note": "one worker, byte tokenizer, batch 16 x 256; no model"})
     if "tokenize" in res:
         t = res["tokenize"]
         rows.append({"metric": "rnb tokenize tokens/s, 2 vs 1 Ray workers",
@@ -180,7 +242,7 @@ def table(res: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=["train", "tokenize", "all"], default="all")
+    ap.add_argument("--part", choices=["train", "datapath", "tokenize", "all"], default="all")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3, --quick 1)")
     ap.add_argument("--workdir", default=None, help="keep corpora and runs here (default: a temporary dir)")
     args = ap.parse_args(argv)
@@ -193,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("train", "all"):
             print("(a) training loop: raw text with padding vs packed token shards", flush=True)
             res["train"] = bench_train(root, args)
+        if args.part in ("datapath", "all"):
+            print("(a2) the data path alone: raw text (tokenize + pad) vs token shards (pack)", flush=True)
+            res["datapath"] = bench_datapath(root, args)
         if args.part in ("tokenize", "all"):
             print("(b) rnb tokenize with 1 and 2 Ray workers", flush=True)
             res["tokenize"] = bench_tokenize(root, args)
