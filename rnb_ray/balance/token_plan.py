@@ -182,15 +182,28 @@ class ShardReader:
         i = int(np.searchsorted(self.offsets, doc, side="right")) - 1
         return self.shard(i).document(doc - int(self.offsets[i]))
 
-    def split(self, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """(training, held-out) document numbers of the domain, in order."""
-        train, held = [], []
+    def split(self, seed: int, fraction: float, rank: int, world: int, max_heldout: int, n_train: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(this worker's training documents, the first ``max_heldout`` held-out documents) of the domain, in
+        order, decided shard by shard (memory: this worker's share, not the domain). The worker takes every
+        ``world``-th training document of the domain — all of them when the domain has fewer (``n_train``, from
+        the plan) than ``world``."""
+        mine, held, seen, n_held = [], [], 0, 0
         for (rel, n), off in zip(self.ds.shards, self.offsets[:-1], strict=True):
             mask = _heldout(rel, n, seed, fraction)
             numbers = off + np.arange(n, dtype=np.int64)
-            train.append(numbers[~mask])
-            held.append(numbers[mask])
-        return np.concatenate(train), np.concatenate(held)
+            train = numbers[~mask]
+            if n_train < world:
+                mine.append(train)
+            else:
+                mine.append(train[(seen + np.arange(len(train))) % world == rank])
+            seen += len(train)
+            if n_held < max_heldout:
+                h = numbers[mask][: max_heldout - n_held]
+                held.append(h)
+                n_held += len(h)
+        empty = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(mine) if mine else empty), (np.concatenate(held) if held else empty)
 
 
 def token_worker_data(plan: TokenPlan, rank: int, world: int, seed: int
@@ -200,12 +213,13 @@ def token_worker_data(plan: TokenPlan, rank: int, world: int, seed: int
     cache = ShardCache()
     for d, ds in enumerate(plan.train):
         reader = ShardReader(ds, cache)
-        train, held = reader.split(plan.seed, plan.eval_fraction)
-        mine = train if len(train) < world else train[np.arange(len(train)) % world == rank]
+        # Every document has >= 1 token (EOS), so this many held-out documents fill the evaluation cap.
+        cap_docs = plan.eval_max_per_domain * plan.seq_len
+        mine, held = reader.split(plan.seed, plan.eval_fraction, rank, world, cap_docs, int(plan.doc_counts[d]))
         packers.append(Packer(mine, plan.seq_len, seed=seed * 7919 + rank * 131 + d, fetch=reader))
         if plan.eval[d] is not None:
             ereader = ShardReader(plan.eval[d], cache)
-            eval_docs = np.arange(int(ereader.offsets[-1]), dtype=np.int64)
+            eval_docs = np.arange(min(int(ereader.offsets[-1]), cap_docs), dtype=np.int64)
         else:
             ereader, eval_docs = reader, held
         seqs = pack_sequences(_documents(ereader, eval_docs), plan.seq_len, plan.eval_max_per_domain)

@@ -97,7 +97,8 @@ def plan_units(cfg: TokenizeConfig) -> tuple[Any, list[Unit], Path | None]:
     return fs, units, domains_json
 
 
-ROW_KEYS = ("unit", "domain", "path", "documents", "tokens", "dropped_empty", "dropped_no_domain", "seconds")
+ROW_KEYS = ("unit", "domain", "path", "documents", "tokens", "dropped_empty", "dropped_no_domain", "seconds",
+            "cpu_seconds")
 
 
 class TokenizeActor:
@@ -140,7 +141,7 @@ class TokenizeActor:
         drop counts and seconds on the first."""
         from rnb_ray.tokens.encode import encode_documents
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         texts, doms = self._read(unit)
         empty = no_domain = 0
         by: dict[str, list[str]] = {}
@@ -161,7 +162,8 @@ class TokenizeActor:
             rows.append({"unit": unit.index, "domain": "", "path": "", "documents": 0, "tokens": 0})
         for j, r in enumerate(rows):
             r.update(dropped_empty=empty if j == 0 else 0, dropped_no_domain=no_domain if j == 0 else 0,
-                     seconds=time.perf_counter() - t0 if j == 0 else 0.0)
+                     seconds=time.perf_counter() - t0 if j == 0 else 0.0,
+                     cpu_seconds=time.process_time() - c0 if j == 0 else 0.0)
         return rows
 
 
@@ -227,6 +229,7 @@ def _manifest(cfg: TokenizeConfig, rows: list[dict[str, Any]], info: dict[str, A
         "n_dropped_empty": sum(int(r["dropped_empty"]) for r in rows),
         "n_dropped_no_domain": sum(int(r["dropped_no_domain"]) for r in rows),
         "seconds_in_actors": sum(float(r["seconds"]) for r in rows),  # reading, tokenizing, writing
+        "cpu_seconds_in_actors": sum(float(r["cpu_seconds"]) for r in rows),
         "source": str(Path(cfg.data).absolute()) if "://" not in cfg.data else cfg.data,
         "source_units": source_files, "text_column": cfg.text_column, "domain_column": cfg.domain_column,
         "domains_json": None,

@@ -141,3 +141,32 @@ def test_worker_keeps_a_bounded_number_of_shards_open(tmp_path):
     for i in range(1, 5):
         np.testing.assert_array_equal(cache.get(str(tmp_path), f"p{i}").document(0), _docs(i, 3, 200)[0])
     assert len(cache._open) == 2 and cache.get(str(tmp_path), "p0") is not first  # evicted, reopened
+
+
+def test_token_plan_split_and_worker_shares(tmp_path):
+    """The plan counts tokens per domain from the split; two workers' documents are disjoint, cover every
+    training document, and never include a held-out one (the split of balance/split.py, per shard path)."""
+    from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.split import is_heldout, source_key
+    from rnb_ray.balance.token_plan import ShardCache, ShardReader, prepare_token_plan, token_worker_data
+
+    tok = load_tokenizer(None, "byte")
+    texts = [f"document {i} " + "z" * (i % 11) for i in range(120)]
+    docs = encode_documents(tok, texts, 1)
+    root = make_token_dir(tmp_path / "tok", {"0": [docs[:50], docs[50:80]], "1": [docs[80:]]})
+    cfg = TrainConfig(data=str(root), output=str(tmp_path / "run"), tokenizer="byte", seq_len=16, eval_fraction=0.2)
+    plan = prepare_token_plan(cfg)
+    held0 = np.concatenate([is_heldout(source_key(f"domain=0/part-0000{i}"), np.arange(n), 0, 0.2)
+                            for i, n in enumerate([50, 30])])
+    assert plan.doc_counts[0] == (~held0).sum() and 0 < held0.sum() < 80
+    assert plan.sizes[0] == sum(len(d) for d, h in zip(docs[:80], held0, strict=True) if not h)
+    assert plan.eval_sizes[0] == sum(len(d) for d, h in zip(docs[:80], held0, strict=True) if h)
+    shares = []
+    for rank in range(2):
+        packers, evals = token_worker_data(plan, rank, 2, seed=0)
+        shares.append(set(packers[0].docs.tolist()))
+        assert all(len(s) == 16 for s in evals[0])
+    assert not shares[0] & shares[1]
+    assert shares[0] | shares[1] == set(np.flatnonzero(~held0).tolist())
+    reader = ShardReader(plan.train[0], ShardCache())
+    np.testing.assert_array_equal(reader(55), docs[55])  # document numbers run across the domain's shards
