@@ -170,3 +170,20 @@ def test_token_plan_split_and_worker_shares(tmp_path):
     assert shares[0] | shares[1] == set(np.flatnonzero(~held0).tolist())
     reader = ShardReader(plan.train[0], ShardCache())
     np.testing.assert_array_equal(reader(55), docs[55])  # document numbers run across the domain's shards
+
+
+def test_readme_numpy_reader_reads_a_shard(tmp_path, monkeypatch):
+    """The README's numpy-only reader, run as written on a real shard."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- readme-test: shard-numpy -->\n```python\n(.*?)```", readme, re.S).group(1)
+    tok = load_tokenizer(None, "byte")
+    docs = encode_documents(tok, ["first", "the second one", "3"], tok.eos_token_id)
+    make_token_dir(tmp_path / "runs" / "tokens", {"0": [docs], "1": [docs[:1]]})
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README:shard-numpy", "exec"), scope)
+    assert scope["n"] == 3 and scope["dtype"] is np.uint16
+    for i, d in enumerate(docs):
+        np.testing.assert_array_equal(scope["doc"](i), d)

@@ -1,0 +1,1 @@
+"""Integrations of the public API (``rnb_ray.api``) with training libraries."""
