@@ -187,3 +187,28 @@ def test_readme_numpy_reader_reads_a_shard(tmp_path, monkeypatch):
     assert scope["n"] == 3 and scope["dtype"] is np.uint16
     for i, d in enumerate(docs):
         np.testing.assert_array_equal(scope["doc"](i), d)
+
+
+def test_token_plan_with_eval_data_token_dir(tmp_path):
+    """--eval-data TOK_OUT2: nothing held out of training, q from the evaluation tokens, evaluation sequences
+    packed from that directory; raw --eval-data with token --data is refused."""
+    from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.token_plan import prepare_token_plan, token_worker_data
+
+    tok = load_tokenizer(None, "byte")
+    enc = lambda texts: encode_documents(tok, texts, 1)  # noqa: E731
+    train = make_token_dir(tmp_path / "train", {"0": [enc(["aaaa"] * 10)], "1": [enc(["bb"] * 10)]})
+    ev = make_token_dir(tmp_path / "eval", {"1": [enc(["zzzzzzz"] * 6)], "7": [enc(["q"])]})
+    cfg = TrainConfig(data=str(train), eval_data=str(ev), output="x", tokenizer="byte", seq_len=8)
+    plan = prepare_token_plan(cfg)
+    assert plan.doc_counts.tolist() == [10, 10] and plan.q.tolist() == [0.0, 1.0] and plan.q_source == "eval_data"
+    assert any("absent from training" in w for w in plan.warnings)
+    _, evals = token_worker_data(plan, 0, 1, seed=0)
+    assert evals[0] == [] and len(evals[1]) == 6 and all((s[s != 1] == ord("z") + 3).all() for s in evals[1])
+    raw = tmp_path / "raw.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["x"], "domain": [0]}), raw)
+    with pytest.raises(RnbError, match="not a token-shard directory"):
+        prepare_token_plan(TrainConfig(data=str(train), eval_data=str(raw), output="x", tokenizer="byte"))
