@@ -11,8 +11,9 @@ TOK_OUT/
 ``tokens.json``: ``{"format": "megatron-indexed", "format_version": 1, "dtype", "eos": "appended",
 "tokenizer": {"name", "class", "vocab_size", "eos_id", "vocab_sha256"}, "domains": [names], "by_domain":
 {name: {"documents", "tokens", "shards"}}, "shards": [{"path", "domain", "documents", "tokens"}],
-"n_documents", "n_tokens", "n_dropped_empty", "n_dropped_no_domain", "source", "text_column",
-"domain_column", "domains_json", "workers", "seconds"}`` (shard paths relative to TOK_OUT, without suffix).
+"n_documents", "n_tokens", "n_dropped_empty", "n_dropped_no_domain", "seconds_in_actors",
+"cpu_seconds_in_actors", "source", "source_units", "text_column", "domain_column", "domains_json", "workers",
+"seconds"}`` (shard paths relative to TOK_OUT, without suffix; ARCHITECTURE.md has the full contract).
 """
 
 from __future__ import annotations
