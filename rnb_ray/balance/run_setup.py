@@ -10,6 +10,7 @@ from rnb_ray.balance.mixer import MixerSpec, build_strategy
 from rnb_ray.balance.plan import Plan, prepare_plan
 from rnb_ray.balance.strategies.base import Strategy
 from rnb_ray.balance.tracking import parse_track, tracking_dir
+from rnb_ray.balance.token_plan import TokenPlan, is_token_data, prepare_token_plan
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Needs:
         return self.train_grads or self.eval_grad
 
 
-def make_spec(cfg: TrainConfig, plan: Plan, num_workers: int) -> MixerSpec:
+def make_spec(cfg: TrainConfig, plan: Plan | TokenPlan, num_workers: int) -> MixerSpec:
     """The mixer's settings. λ comes from ``cfg.lam`` alone (``TrainConfig.validate`` refuses a ``lam`` in
     ``strategy_options``): the rnb strategy reads it from its options, ``MixerSpec.lam`` records it in
     ``mixture.json`` — the same value, so the record is the λ used."""
@@ -50,13 +51,15 @@ def make_spec(cfg: TrainConfig, plan: Plan, num_workers: int) -> MixerSpec:
 @dataclass(frozen=True)
 class RunSetup:
     cfg: TrainConfig
-    plan: Plan
+    plan: Plan | TokenPlan
     spec: MixerSpec
     needs: Needs
 
 
-def setup_run(cfg: TrainConfig, num_workers: int, plan: Plan | None = None) -> RunSetup:
-    """Plan the data (unless given) and build the strategy once: bad options fail here, before Ray work."""
-    plan = prepare_plan(cfg) if plan is None else plan
+def setup_run(cfg: TrainConfig, num_workers: int, plan: Plan | TokenPlan | None = None) -> RunSetup:
+    """Plan the data (unless given) and build the strategy once: bad options fail here, before Ray work.
+    Token shards (``rnb tokenize`` output) get the packing plan, anything else the raw-text plan."""
+    if plan is None:
+        plan = prepare_token_plan(cfg) if is_token_data(cfg.data) else prepare_plan(cfg)
     spec = make_spec(cfg, plan, num_workers)
     return RunSetup(cfg=cfg, plan=plan, spec=spec, needs=Needs.of(build_strategy(spec)))

@@ -22,7 +22,7 @@ from torch import nn
 
 from rnb_ray.balance.capture import DomainGradCapture
 from rnb_ray.balance.config import TrainConfig
-from rnb_ray.balance.lm import grad_token_mask, per_example_loss, tokenize
+from rnb_ray.balance.lm import encode, grad_token_mask, per_example_loss
 from rnb_ray.balance.sampler import DomainSampler
 
 
@@ -35,13 +35,14 @@ class Batch:
 
 def next_batch(sampler: DomainSampler, p: np.ndarray, batch_size: int, tok: Any, seq_len: int,
                device: torch.device | str | None = None, *, by_domain: bool = False) -> Batch:
-    """Draw each example's domain from ``p`` and tokenize. ``by_domain`` orders the examples by domain
+    """Draw each example's domain from ``p`` and tokenize (packed sequences from token shards are used as
+    they are: ``lm.encode``). ``by_domain`` orders the examples by domain
     (stable), so that each domain's rows are contiguous and capture groups them without a copy."""
-    texts, doms = sampler.next_batch(p, batch_size)
+    texts, doms = sampler.next_batch(p, batch_size)  # texts, or packed token sequences (token shards)
     if by_domain:
         order = np.argsort(doms, kind="stable")
         texts, doms = [texts[i] for i in order], np.asarray(doms)[order]
-    ids, am = tokenize(tok, texts, seq_len, device)
+    ids, am = encode(tok, texts, seq_len, device)
     return Batch(ids, am, np.asarray(doms))
 
 
@@ -95,7 +96,7 @@ def eval_grad_step(model: nn.Module, capture: DomainGradCapture, texts: list[str
                    device: torch.device, no_sync: contextlib.AbstractContextManager[Any]) -> int:
     """Forward+backward of the evaluation loss on ``texts``, adding its gradient of the captured layers to
     ``capture``'s evaluation sum (``no_sync``: gradients stay local); returns the tokens processed."""
-    ids, am = tokenize(tok, texts, seq_len, device)
+    ids, am = encode(tok, texts, seq_len, device)
     with no_sync:
         capture.begin(torch.zeros(len(texts), dtype=torch.long), grad_token_mask(am), scale=len(texts),
                       target="eval")
@@ -119,7 +120,7 @@ def evaluate(model: nn.Module, tok: Any, texts_by_domain: list[list[str]], *, ba
     with torch.no_grad():
         for d, texts in enumerate(texts_by_domain):
             for i in range(0, len(texts), batch_size):
-                ids, am = tokenize(tok, texts[i: i + batch_size], seq_len, device)
+                ids, am = encode(tok, texts[i: i + batch_size], seq_len, device)
                 losses = per_example_loss(model(input_ids=ids, attention_mask=am).logits, ids, am)
                 acc[d] += losses.double().sum()
                 acc[m + d] += len(losses)

@@ -44,6 +44,7 @@ from rnb_ray.balance.step import (
     optimizer_for,
     train_step,
 )
+from rnb_ray.balance.token_plan import TokenPlan, token_worker_data
 from rnb_ray.errors import RnbError
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,14 @@ class Trainer:
         self.model = rt.prepare_model(model)
         self.raw_model = getattr(self.model, "module", self.model)
         self.opt, self.sched = optimizer_for(self.model, cfg)
-        reader = ChunkReader(plan.sources, plan.text_column)
-        self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, reader),
-                                     seed=cfg.seed * 1009 + rt.rank)
-        self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, reader)
+        if isinstance(plan, TokenPlan):  # token shards: packed sequences (balance/token_plan.py)
+            packers, self.eval_texts = token_worker_data(plan, rt.rank, rt.world, cfg.seed)
+            self.sampler = DomainSampler(packers, seed=cfg.seed * 1009 + rt.rank)
+        else:
+            reader = ChunkReader(plan.sources, plan.text_column)
+            self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, reader),
+                                         seed=cfg.seed * 1009 + rt.rank)
+            self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, reader)
         self.eval_pool = [t for texts in self.eval_texts for t in texts]  # for the evaluation gradient
         self.autocast = (torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
                          if cfg.precision == "bf16" else contextlib.nullcontext())

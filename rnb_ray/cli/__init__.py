@@ -13,7 +13,7 @@ import sys
 from rnb_ray.errors import RnbError
 
 # Module name under rnb_ray.cli for each command group; a module may register several commands.
-COMMAND_MODULES = ("regroup", "train", "sweep", "pipeline", "report")
+COMMAND_MODULES = ("regroup", "tokenize", "train", "sweep", "pipeline", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,3 +103,23 @@ def test_stage_hash_is_relocatable_and_sensitive(tmp_path):
     assert settings_hash(sa, ["x"]) == settings_hash(sb, ["x"])
     assert settings_hash(sa, ["x"]) != settings_hash({**sa, "steps": 11}, ["x"])
     assert settings_hash(sa, ["x"]) != settings_hash(sa, ["y"])  # upstream changes propagate
+
+
+def test_tokenize_stage_trains_on_packed_shards(first_run, sample_corpus, tmp_path_factory):
+    """`rnb run --tokenize` on a copy of the run: sweep and regroup are reused, the tokens stage writes token
+    shards with the training tokenizer, and the final training packs from them (no padding)."""
+    cfg, _ = first_run
+    copy = tmp_path_factory.mktemp("tokcopy") / "run"
+    shutil.copytree(Path(cfg.output), copy)
+    tok_cfg = pipeline_config(sample_corpus, tmp_path_factory.getbasetemp(), output=str(copy), tokenize=True,
+                              tokenize_workers=1)
+    summary = run_pipeline(tok_cfg, log=lambda s: None)
+    assert summary["stages"]["sweep"]["skipped"] and summary["stages"]["regroup"]["skipped"]
+    assert not summary["stages"]["tokens"]["skipped"] and not summary["stages"]["train"]["skipped"]
+    manifest = json.loads((copy / "tokens" / "tokens.json").read_text())
+    from rnb_ray.balance.lm import tokenizer_source
+
+    assert manifest["tokenizer"]["name"] == tokenizer_source(None, None)  # the training default (BERT: SEP ends docs)
+    assert json.loads((copy / "train" / "config.json").read_text())["data"] == str(copy / "tokens")
+    rows = [json.loads(line) for line in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["tokens"] == rows[-1]["tokens_processed"]  # packed: no padding
