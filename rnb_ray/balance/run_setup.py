@@ -9,8 +9,8 @@ from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.mixer import MixerSpec, build_strategy
 from rnb_ray.balance.plan import Plan, prepare_plan
 from rnb_ray.balance.strategies.base import Strategy
-from rnb_ray.balance.tracking import parse_track, tracking_dir
 from rnb_ray.balance.token_plan import TokenPlan, is_token_data, prepare_token_plan
+from rnb_ray.balance.tracking import parse_track, tracking_dir
 
 
 @dataclass(frozen=True)
