@@ -31,7 +31,7 @@ from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.lm import load_tokenizer, matmul_params, model_for
 from rnb_ray.balance.mixer import Mixer
-from rnb_ray.balance.plan import ChunkReader, Plan, worker_eval_set, worker_streams
+from rnb_ray.balance.plan import Plan, SourceReader, worker_eval_set, worker_streams
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
@@ -78,10 +78,10 @@ class Trainer:
         self.model = rt.prepare_model(model)
         self.raw_model = getattr(self.model, "module", self.model)
         self.opt, self.sched = optimizer_for(self.model, cfg)
-        reader = ChunkReader(plan.sources, plan.text_column)
-        self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, reader),
-                                     seed=cfg.seed * 1009 + rt.rank)
-        self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, reader)
+        # Each domain streamed from this worker's share of its row groups, through a shuffle buffer.
+        self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, SourceReader(plan),
+                                                    buffer=cfg.shuffle_buffer), seed=cfg.seed * 1009 + rt.rank)
+        self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, SourceReader(plan))
         self.eval_pool = [t for texts in self.eval_texts for t in texts]  # for the evaluation gradient
         self.autocast = (torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
                          if cfg.precision == "bf16" else contextlib.nullcontext())
