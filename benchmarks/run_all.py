@@ -50,6 +50,8 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
     ("Balance overhead", "balance_overhead.py", "balance_overhead.json", ["--quick"],
      ["--quick", "--pairs", "1", "--sketch-runs", "0"]),
     ("sweep layout", "sweep_layout.py", "sweep_layout.json", [], None),  # full suite only (keeps --quick < 5 min)
+    # Training's data path vs corpus size (200 k / 2 M / 20 M documents; --quick: 200 k / 2 M, one run each).
+    ("training data path", "data_path.py", "data_path.json", ["--clean"], ["--quick", "--layouts", "regrouped"]),
     # Backends on fortunes (throughput vs torch, NMI/ARI of their domains vs torch's and vs the categories): a
     # 6,000-entry subset keeps it to ~4 min; the README's figures come from the whole train split (no --docs).
     ("embedding backends", "embed_backends.py", "embed_backends.json", ["--docs", "6000"], None),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,7 +57,8 @@ from rnb_ray.errors import RnbError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".jsonl", ".json")  # what --data may hold
-EVAL_UNITS = 8  # a domain's evaluation examples come from at most this many of its units
+EVAL_UNITS = 8  # a domain's evaluation examples come from this many of its units (more if they hold too few)
+OPEN_FILES = 64  # parquet files a worker keeps open (streams reading a file keep it open themselves)
 READ_BATCH = 1024  # rows decoded at a time when streaming a row group
 
 
@@ -165,16 +167,30 @@ def _order(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def domain_names(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Each row's domain name (None for nulls) as an object array, converting only the distinct values."""
+def domain_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """(each row's code, -1 for nulls; the distinct domain names), converting only the distinct values."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
     enc = pc.dictionary_encode(column)
-    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-    out = []
-    for ch in chunks:
-        names = np.array([_name(v) for v in ch.dictionary.to_pylist()] + [None], dtype=object)
-        idx = ch.indices.fill_null(len(ch.dictionary)).to_numpy(zero_copy_only=False)
-        out.append(names[idx])
-    return np.concatenate(out) if out else np.array([], dtype=object)
+    names: list[str] = []
+    remap = []
+    for v in enc.dictionary.to_pylist():
+        name = _name(v)
+        if name is None:
+            remap.append(-1)
+            continue
+        if name not in names:
+            names.append(name)
+        remap.append(names.index(name))
+    lut = np.asarray(remap + [-1], dtype=np.int64)
+    return lut[enc.indices.fill_null(len(remap)).to_numpy(zero_copy_only=False)], names
+
+
+def domain_names(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each row's domain name (None for nulls) as an object array."""
+    codes, names = domain_codes(column)
+    return np.asarray(names + [None], dtype=object)[codes]
 
 
 def _heldout(src: Source, rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
@@ -262,15 +278,19 @@ def _scan(path: str, cfg: TrainConfig, what: str, fraction: float, key0: int, ca
                 except (pa.ArrowInvalid, OSError) as e:
                     raise RnbError(f"cannot read the domain column of {f}: {e}", where=what,
                                    fix="rewrite or remove the file (it is corrupt)") from e
-                doms = domain_names(column)
+                codes, values = domain_codes(column)
                 held = _heldout(src, np.arange(n), cfg.seed, fraction)
-                present = doms != None  # noqa: E711 — elementwise on an object array
-                side.nulls += int((~present).sum())
-                values = set(doms[present].tolist())
-                for d in values:
-                    rows = np.flatnonzero(doms == d)
-                    _add(side, d, key, src, rows, held[rows], mixed=len(values) > 1 or not present.all(),
-                         cap=cap, seed=cfg.seed)
+                nulls = int((codes < 0).sum())
+                side.nulls += nulls
+                if len(values) < 2**15:
+                    codes = codes.astype(np.int16)  # a stable sort of 16-bit keys is a radix sort
+                order = np.argsort(codes, kind="stable")  # rows grouped by domain, in row order within each
+                bounds = np.searchsorted(codes[order], np.arange(-1, len(values) + 1))
+                for c, d in enumerate(values):
+                    rows = order[bounds[c + 1]:bounds[c + 2]]
+                    if len(rows):
+                        _add(side, d, key, src, rows, held[rows], mixed=len(values) > 1 or nulls > 0,
+                             cap=cap, seed=cfg.seed)
             side.how[how] = side.how.get(how, 0) + 1
     return side
 
@@ -289,7 +309,12 @@ def _add(side: _Side, d: str, key: int, src: Source, rows: np.ndarray, held: np.
         picks = side.eval_pick.setdefault(d, [])
         picks.append((prio, key, rows[held][:cap]))  # the first held-out rows of the unit
         picks.sort(key=lambda t: (t[0], t[1]))
-        del picks[EVAL_UNITS:]
+        total = 0  # keep EVAL_UNITS units, more only while they hold fewer than `cap` rows together
+        for i, (_, _, r) in enumerate(picks):
+            if i >= EVAL_UNITS and total >= cap:
+                del picks[i:]
+                break
+            total += len(r)
 
 
 def _eval_rows(picks: list[tuple[float, int, np.ndarray]], cap: int) -> list[tuple[int, np.ndarray]]:
@@ -477,20 +502,26 @@ class SourceReader:
     def __init__(self, plan: Plan, batch_rows: int = READ_BATCH):
         self.plan = plan
         self.batch_rows = batch_rows
-        self._files: dict[str, pq.ParquetFile] = {}
+        self._files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
         self._jsonl: tuple[str, pa.Table] | None = None
 
-    def _batches(self, src: Source, columns: list[str]) -> Iterator[tuple[int, pa.Table | pa.RecordBatch]]:
+    def _batches(self, src: Source, columns: list[str], batch_rows: int | None = None
+                 ) -> Iterator[tuple[int, pa.Table | pa.RecordBatch]]:
         """(first row within the unit, batch) over the whole unit."""
         try:
             if src.row_group is not None:
                 pf = self._files.get(src.path)
-                if pf is None:
+                if pf is not None:
+                    self._files.move_to_end(src.path)
+                else:
+                    if len(self._files) >= OPEN_FILES:
+                        self._files.popitem(last=False)
                     # buffered: a stream holds ~1 MiB of a column chunk, not the whole row group's text
                     pf = self._files[src.path] = pq.ParquetFile(
                         files.pyarrow_source(src.fs, src.path, random_access=True), buffer_size=1 << 20)
                 start = 0
-                for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=[src.row_group], columns=columns):
+                for batch in pf.iter_batches(batch_size=batch_rows or self.batch_rows, row_groups=[src.row_group],
+                                             columns=columns):
                     yield start, batch
                     start += batch.num_rows
             else:
@@ -536,7 +567,8 @@ class SourceReader:
         want = {int(r): i for i, r in enumerate(rows)}
         out: list[str] = [""] * len(rows)
         last = int(rows.max()) if len(rows) else -1
-        for first, batch in self._batches(self.plan.sources[key], [self.plan.text_column]):
+        size = min(self.batch_rows, last + 1) if last >= 0 else self.batch_rows  # decode only the prefix needed
+        for first, batch in self._batches(self.plan.sources[key], [self.plan.text_column], size):
             if first > last:
                 break
             sel = [r for r in range(first, first + batch.num_rows) if r in want]

@@ -94,6 +94,8 @@ class DomainStream:
                 "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "unit_pos" not in state:
+            raise ValueError("the sampler state was written before streams had a shuffle buffer")
         self.epoch, self.unit_pos, self.row = int(state["epoch"]), int(state["unit_pos"]), int(state["row"])
         self.block, self.offset = int(state["block"]), int(state["offset"])
         self._texts, self._next, self._reader = None, None, None

@@ -266,7 +266,11 @@ class Trainer:
                 r = checkpoint.load(ck, model=self.raw_model, optimizer=self.opt, rank=self.rt.rank,
                                     world=self.rt.world, device=self.rt.device)
                 self.sched.load_state_dict(r.scheduler)
-                self.sampler.load_state_dict(r.worker.sampler)
+                try:
+                    self.sampler.load_state_dict(r.worker.sampler)
+                except ValueError as e:
+                    raise RnbError(f"cannot continue this checkpoint's data streams: {e}", where=str(ck),
+                                   fix="start a new run (checkpoints of older rnb-ray versions cannot resume)") from e
                 torch.set_rng_state(r.worker.rng)
                 self.step, self.p, self.totals = r.step, r.p, Totals(**r.worker.totals)
                 self.pending = None if r.pending_round is None else self.mixer.recorded(r.pending_round)
