@@ -3,7 +3,7 @@
     python benchmarks/data_path.py                 # 200 k, 2 M and 20 M documents
     python benchmarks/data_path.py --quick         # 200 k and 2 M, one repeat
     python benchmarks/data_path.py --old-src DIR   # also the data path of another checkout (its rnb_ray/), at
-                                                   # the two smallest sizes, for context
+                                                   # the smallest size (--old-sizes), for context
 
 Corpora: synthetic, 64 domains, 300-character texts, in two layouts: ``regrouped`` — what ``rnb regroup``
 writes (``data/domain=<d>/part-0.parquet`` + ``domains.json``; planned from parquet statistics) — and
@@ -13,11 +13,13 @@ random texts (zstd), so 20 M documents take ~100 MB on disk and are written in s
 decodes full strings. Row groups of 65,536 rows. Cached under ``--cache-dir`` with a ``.complete`` marker;
 ``--clean`` deletes them at the end.
 
-Each measurement is one ``rnb train --steps 2 --workers 1 --tokenizer byte --log-every 1`` in a fresh process
-(it starts its own local Ray): *time to first step* = from launching the process to the first row of
-``metrics.jsonl`` (written when step 1 is done), *driver peak RSS* = the driver process's ``VmHWM`` (Ray's own
-processes and the worker are not counted: the worker holds what the driver plans, and in the old data path
-that plan was the per-document list). Also the plan alone (``prepare_plan``) in a fresh process: seconds,
+Each measurement is one training run of 2 steps (1 worker, byte tokenizer, log every step) in a fresh process.
+Default (``--runner in-process``): ``run_training_loop``, the library call ``rnb train`` wraps minus Ray — the
+plan, the one worker's streams and evaluation set, the model and the mixer all in that process, so its peak
+RSS is the driver's *plus* a worker's and no Ray start-up (tens of seconds on a loaded machine) hides the data
+path. ``--runner ray``: ``rnb train --workers 1`` itself (starts a local Ray). *Time to first step* = from
+launching the process to the first row of ``metrics.jsonl`` (written when step 1 is done); *peak RSS* = the
+process's ``VmHWM`` (with ``ray``, Ray's own processes and the worker are not counted). Also the plan alone (``prepare_plan``) in a fresh process: seconds,
 pickled size, peak RSS. Ratios are against the smallest size of the same run; targets 20 M / 200 k: memory
 ≤ 1.2, time to first step ≤ 1.5. Results: ``benchmarks/results/data_path.json``.
 """
@@ -53,6 +55,22 @@ atexit.register(_peak)
 from rnb_ray.cli import main
 sys.exit(main(["train", *sys.argv[2:]]))
 """
+# The same run in process (``run_training_loop``: the loop, the plan and the mixer in one process, no Ray):
+# its peak RSS is the driver's plus one worker's, and no Ray start-up time hides the data path.
+IN_PROCESS = """
+import os, re, sys
+from rnb_ray.balance.config import TrainConfig
+from rnb_ray.balance.trainer import run_training_loop
+a = sys.argv[2:]
+kw = {a[i].lstrip("-").replace("-", "_"): a[i + 1] for i in range(0, len(a), 2)}
+def first_row(row):  # step 1 is done: record the peak RSS and stop (the rest of the run is not measured)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    os._exit(0)
+run_training_loop(TrainConfig(data=kw["data"], output=kw["output"], steps=2, workers=1, tokenizer="byte",
+                              log_every=1, eval_every=1000).validate(), report=first_row)
+"""
 PLAN = """
 import json, pickle, re, sys, time
 t0 = time.perf_counter()
@@ -62,7 +80,7 @@ t1 = time.perf_counter()
 plan = prepare_plan(TrainConfig(data=sys.argv[1], output="unused").validate())
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t2 - t1, "bytes": len(pickle.dumps(plan)), "units": len(plan.sources),
-                  "how": plan.domain_counts_from,
+                  "how": getattr(plan, "domain_counts_from", None),
                   "peak_mib": int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024}))
 """
 
@@ -117,17 +135,20 @@ def _env(src: Path) -> dict[str, str]:
     return env
 
 
-def time_to_first_step(data: Path, src: Path, timeout: float) -> dict:
+def time_to_first_step(data: Path, src: Path, timeout: float, runner: str = "in-process") -> dict:
     with tempfile.TemporaryDirectory(prefix="rnb-dp-") as tmp:
         run, peak = Path(tmp) / "run", Path(tmp) / "peak"
-        args = [sys.executable, "-c", TRAIN, str(peak), "--data", str(data), "--output", str(run), "--steps", "2",
-                "--workers", "1", "--tokenizer", "byte", "--log-every", "1", "--eval-every", "1000"]
+        if runner == "ray":
+            args = [sys.executable, "-c", TRAIN, str(peak), "--data", str(data), "--output", str(run), "--steps",
+                    "2", "--workers", "1", "--tokenizer", "byte", "--log-every", "1", "--eval-every", "1000"]
+        else:
+            args = [sys.executable, "-c", IN_PROCESS, str(peak), "--data", str(data), "--output", str(run)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, cwd=tmp, env=_env(src), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         first = None
         metrics = run / "metrics.jsonl"
         while proc.poll() is None and time.perf_counter() - t0 < timeout:
-            if first is None and metrics.is_file() and metrics.read_text().strip():
+            if first is None and (peak.is_file() or (metrics.is_file() and metrics.read_text().strip())):
                 first = time.perf_counter() - t0
             time.sleep(0.05)
         if proc.poll() is None:
@@ -143,8 +164,9 @@ def time_to_first_step(data: Path, src: Path, timeout: float) -> dict:
 
 
 def plan_only(data: Path, src: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", PLAN, str(data)], env=_env(src), capture_output=True, text=True,
-                          check=True)
+    with tempfile.TemporaryDirectory(prefix="rnb-dp-") as tmp:  # not the checkout's cwd: PYTHONPATH decides
+        done = subprocess.run([sys.executable, "-c", PLAN, str(data)], cwd=tmp, env=_env(src), capture_output=True,
+                              text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -161,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old-src", default="", help="a checkout whose rnb_ray/ to measure too (two smallest sizes)")
     ap.add_argument("--layouts", default="regrouped,column",
                     help="regrouped (a directory per domain) and/or column (one file, domains interleaved)")
+    ap.add_argument("--runner", choices=["in-process", "ray"], default="in-process",
+                    help="in-process: run_training_loop (plan, one worker and mixer in one process; default); "
+                         "ray: `rnb train --workers 1` (starts a local Ray; its start-up dominates the time)")
+    ap.add_argument("--old-sizes", type=int, default=1, help="how many of the smallest sizes --old-src runs")
     ap.add_argument("--clean", action="store_true", help="delete the generated corpora at the end")
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
@@ -181,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, int], list[dict]] = {k: [] for k in corpora}
     for _ in range(repeats):
         for k in corpora:
-            runs[k].append(time_to_first_step(corpora[k][0], ROOT, args.timeout))
+            runs[k].append(time_to_first_step(corpora[k][0], ROOT, args.timeout, args.runner))
             print(k, json.dumps(runs[k][-1]), flush=True)
     rows = []
     for (layout, n), (data, gen) in corpora.items():
@@ -195,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     old = []
     if args.old_src:
-        for n in sizes[:2]:
+        for n in sizes[:args.old_sizes]:
             data = corpora[layouts[0], n][0]
-            r = time_to_first_step(data, Path(args.old_src), args.timeout)
+            r = time_to_first_step(data, Path(args.old_src), args.timeout, args.runner)
             r.update({"layout": layouts[0], "documents": n, "plan": plan_only(data, Path(args.old_src))})
             print("old:", json.dumps(r), flush=True)
             old.append(r)
@@ -230,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                       "baseline": f"{new['driver_peak_mib']} / {new['first_step_s']}",
                       "ratio": round(o["first_step_s"] / new["first_step_s"], 2),
                       "note": "old (value) vs new (baseline); ratio of first-step times"})
-    result = {"sizes": rows, "old": old, "ratios": ratios, "repeats": repeats, "quick": args.quick, "table": table}
+    result = {"sizes": rows, "old": old, "ratios": ratios, "repeats": repeats, "quick": args.quick,
+              "runner": args.runner, "table": table}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_path.json").write_text(json.dumps(result, indent=2))
     if args.clean:

@@ -263,13 +263,14 @@ def _scan(path: str, cfg: TrainConfig, what: str, fraction: float, key0: int, ca
                 continue
             uniform = hive
             how = "hive directory"
+            prio = float(hash_uniform(np.array([src.split_key + (rg or 0)]), cfg.seed + 101)[0])
             if uniform is None and pf is not None and col is not None:
                 st = pf.metadata.row_group(rg).column(col).statistics
                 if st is not None and st.has_min_max and st.null_count == 0 and st.min == st.max:
                     uniform, how = _name(st.min), "parquet statistics"
             if uniform is not None:
                 held = _heldout(src, np.arange(n), cfg.seed, fraction)
-                _add(side, uniform, key, src, np.arange(n), held, mixed=False, cap=cap, seed=cfg.seed)
+                _add(side, uniform, key, src, np.arange(n), held, mixed=False, cap=cap, prio=prio)
             else:
                 how = "domain column scan"
                 try:
@@ -290,31 +291,34 @@ def _scan(path: str, cfg: TrainConfig, what: str, fraction: float, key0: int, ca
                     rows = order[bounds[c + 1]:bounds[c + 2]]
                     if len(rows):
                         _add(side, d, key, src, rows, held[rows], mixed=len(values) > 1 or nulls > 0,
-                             cap=cap, seed=cfg.seed)
+                             cap=cap, prio=prio)
             side.how[how] = side.how.get(how, 0) + 1
     return side
 
 
 def _add(side: _Side, d: str, key: int, src: Source, rows: np.ndarray, held: np.ndarray, *, mixed: bool,
-         cap: int, seed: int) -> None:
+         cap: int, prio: float) -> None:
     """Count one unit's rows of domain ``d``; keep it as an evaluation candidate if it ranks among the
-    ``EVAL_UNITS`` with the lowest (seeded, stable) priority."""
-    n_train = int(len(rows) - held.sum())
-    side.train.setdefault(d, [])
-    side.n_eval[d] = side.n_eval.get(d, 0) + int(held.sum())
+    ``EVAL_UNITS`` with the lowest priority (a seeded hash of the unit)."""
+    n_held = int(held.sum())
+    n_train = len(rows) - n_held
+    side.n_eval[d] = side.n_eval.get(d, 0) + n_held
+    units = side.train.setdefault(d, [])
     if n_train:
-        side.train[d].append(TrainUnit(key, n_train, mixed))
-    if held.any():
-        prio = float(hash_uniform(np.array([src.split_key + (src.row_group or 0)]), seed + 101)[0])
-        picks = side.eval_pick.setdefault(d, [])
-        picks.append((prio, key, rows[held][:cap]))  # the first held-out rows of the unit
-        picks.sort(key=lambda t: (t[0], t[1]))
-        total = 0  # keep EVAL_UNITS units, more only while they hold fewer than `cap` rows together
-        for i, (_, _, r) in enumerate(picks):
-            if i >= EVAL_UNITS and total >= cap:
-                del picks[i:]
-                break
-            total += len(r)
+        units.append(TrainUnit(key, n_train, mixed))
+    if not n_held:
+        return
+    picks = side.eval_pick.setdefault(d, [])
+    if len(picks) >= EVAL_UNITS and prio >= picks[-1][0] and sum(len(r) for _, _, r in picks) >= cap:
+        return  # ranks after units that already hold enough
+    picks.append((prio, key, rows[held][:cap]))  # the first held-out rows of the unit
+    picks.sort(key=lambda t: (t[0], t[1]))
+    total = 0  # keep EVAL_UNITS units, more only while they hold fewer than `cap` rows together
+    for i, (_, _, r) in enumerate(picks):
+        if i >= EVAL_UNITS and total >= cap:
+            del picks[i:]
+            break
+        total += len(r)
 
 
 def _eval_rows(picks: list[tuple[float, int, np.ndarray]], cap: int) -> list[tuple[int, np.ndarray]]:
