@@ -5,7 +5,8 @@
     make bench / make bench-quick
 
 Runs, each as its own process (so one failing script does not stop the others; a crash is recorded):
-``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``sweep_layout.py`` and ``embed_backends.py``
+``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``data_path.py`` (training's data path at
+200 k / 2 M / 20 M documents; --quick: 200 k / 2 M, ~1 min), ``sweep_layout.py`` and ``embed_backends.py``
 (full suite only) and
 ``fidelity.py`` (five arms x 3 seeds at 80 steps; with --quick a 2-arm, 1-seed, 40-step smoke test).
 Measured on the idle 2-core machine: full suite 1,203 s from a cold start (no cached corpus, embeddings or
