@@ -37,7 +37,7 @@ from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
 from rnb_ray.balance.gram import domain_means, gram, rnb_mixture  # noqa: E402
 from rnb_ray.balance.lm import load_tokenizer, model_for  # noqa: E402
-from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_streams  # noqa: E402
+from rnb_ray.balance.plan import SourceReader, prepare_plan, worker_streams  # noqa: E402
 from rnb_ray.balance.sampler import DomainSampler  # noqa: E402
 from rnb_ray.balance.sketch import gram_relative_error  # noqa: E402
 from rnb_ray.balance.step import Batch, forward_backward, next_batch, train_step  # noqa: E402
@@ -200,8 +200,8 @@ def _model_and_batches(data: Path, args, n_batches: int, warm_steps: int) -> tup
     plan = prepare_plan(cfg)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
     model = model_for(cfg, tok)
-    reader = ChunkReader(plan.sources, plan.text_column)
-    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, reader), seed=cfg.seed * 1009)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, SourceReader(plan), buffer=cfg.shuffle_buffer),
+                            seed=cfg.seed * 1009)
     p = np.full(plan.m, 1 / plan.m)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 

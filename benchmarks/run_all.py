@@ -5,7 +5,8 @@
     make bench / make bench-quick
 
 Runs, each as its own process (so one failing script does not stop the others; a crash is recorded):
-``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``tokens_bench.py``, ``sweep_layout.py`` and ``embed_backends.py``
+``embed_throughput.py``, ``kmeans_bench.py``, ``balance_overhead.py``, ``tokens_bench.py``, ``data_path.py`` (training's data path at
+200 k / 2 M / 20 M documents; --quick: 200 k / 2 M, ~1 min), ``sweep_layout.py`` and ``embed_backends.py``
 (full suite only) and
 ``fidelity.py`` (five arms x 3 seeds at 80 steps; with --quick a 2-arm, 1-seed, 40-step smoke test).
 Measured on the idle 2-core machine: full suite 1,203 s from a cold start (no cached corpus, embeddings or
@@ -50,6 +51,8 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
     ("Balance overhead", "balance_overhead.py", "balance_overhead.json", ["--quick"],
      ["--quick", "--pairs", "1", "--sketch-runs", "0"]),
     ("sweep layout", "sweep_layout.py", "sweep_layout.json", [], None),  # full suite only (keeps --quick < 5 min)
+    # Training's data path vs corpus size (200 k / 2 M / 20 M documents; --quick: 200 k / 2 M, one run each).
+    ("training data path", "data_path.py", "data_path.json", ["--clean"], ["--quick", "--layouts", "regrouped"]),
     # Backends on fortunes (throughput vs torch, NMI/ARI of their domains vs torch's and vs the categories): a
     # 6,000-entry subset keeps it to ~4 min; the README's figures come from the whole train split (no --docs).
     ("embedding backends", "embed_backends.py", "embed_backends.json", ["--docs", "6000"], None),

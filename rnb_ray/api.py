@@ -60,7 +60,7 @@ from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer
 from rnb_ray.balance.mixer import load_state as _load_state
 from rnb_ray.balance.mixer import save_state as _save_state
 from rnb_ray.balance.runtime import ActorMixer, LocalMixer
-from rnb_ray.balance.sampler import Chunk, DomainSampler, DomainStream
+from rnb_ray.balance.sampler import DomainSampler, DomainStream
 from rnb_ray.errors import RnbError
 
 __all__ = ["DomainMixer", "DomainSampler", "GradientCapture", "causal_lm_mask", "domain_names", "domain_sampler",
@@ -425,22 +425,22 @@ def domain_sampler(datasets: Sequence[Any], *, seed: int = 0, rank: int = 0, wor
     if not 0 <= rank < world or chunk_size < 1:
         raise RnbError(f"rank {rank}, world {world}, chunk_size {chunk_size}", where="domain_sampler",
                        fix="0 <= rank < world and chunk_size >= 1")
-    keys: list[tuple[int, Any]] = []  # chunk key -> (domain, dataset)
+    units: list[tuple[Any, np.ndarray]] = []  # unit key -> (dataset, this worker's rows of it)
 
-    def load(key: int, rows: np.ndarray) -> list[Any]:
-        _, ds = keys[key]
-        return [ds[int(i)] for i in rows]
+    def load(key: int, start: int) -> list[tuple[range, list[Any]]]:
+        ds, rows = units[key]
+        return [(range(start, len(rows)), [ds[int(i)] for i in rows[start:]])]
 
     streams = []
     for d, ds in enumerate(datasets):
         n = len(ds)
         mine = np.arange(n) if n < world else np.arange(rank, n, world)
-        chunks = []
+        keys = []
         for start in range(0, len(mine), chunk_size):
-            keys.append((d, ds))
-            chunks.append(Chunk(len(keys) - 1, mine[start: start + chunk_size]))
-        if not chunks:
+            units.append((ds, mine[start: start + chunk_size]))
+            keys.append(len(units) - 1)
+        if not keys:
             raise RnbError(f"domain {d} has no examples", where="domain_sampler",
                            fix="drop empty domains (or give them examples)")
-        streams.append(DomainStream(chunks, seed=seed * 7919 + rank * 131 + d, loader=load))
+        streams.append(DomainStream(keys, seed=seed * 7919 + rank * 131 + d, loader=load, buffer=chunk_size))
     return DomainSampler(streams, seed=seed * 1009 + rank)

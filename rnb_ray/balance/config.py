@@ -43,6 +43,8 @@ class TrainConfig:
                                "default: hold out eval_fraction of every domain")
     eval_fraction: float = field(default=0.1, metadata={"help": "share of each domain held out for evaluation when no eval_data"})
     eval_max_per_domain: int = field(default=64, metadata={"help": "evaluation examples per domain used for eval losses"})
+    shuffle_buffer: int = field(default=2048, metadata={"help": "examples per domain per worker read as one block and "
+                                                      "shuffled (memory: one block of texts per domain)"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (nccl) instead of CPU (gloo)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps (also the learning-rate schedule's length)"})
@@ -131,7 +133,7 @@ class TrainConfig:
                 raise bad("static_weights", f"points to {self.static_weights}, which does not exist", "check the path")
         if not 0.0 < self.eval_fraction < 1.0:
             raise bad("eval_fraction", f"is {self.eval_fraction}", "use a fraction in (0, 1), e.g. 0.1")
-        positive = ("eval_max_per_domain", "workers", "steps", "batch_size", "seq_len", "update_every",
+        positive = ("eval_max_per_domain", "shuffle_buffer", "workers", "steps", "batch_size", "seq_len", "update_every",
                     "eval_every", "log_every", "n_layer", "n_head", "n_embd")
         for name in positive:
             if getattr(self, name) < 1:
@@ -161,11 +163,28 @@ class TrainConfig:
         if self.tokenizer is not None and _looks_like_path(self.tokenizer) and not Path(self.tokenizer).exists():
             raise bad("tokenizer", f"points to {self.tokenizer}, which does not exist",
                       "give an existing tokenizer directory or a Hugging Face name")
-        return self
+        return self.resolved()
+
+    def resolved(self) -> TrainConfig:
+        """The same settings with every local data path absolute (Ray workers run in another directory)."""
+        changes = {name: absolute(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)}
+        for name in ("model", "tokenizer"):  # a local model directory, not a hub name
+            value = getattr(self, name)
+            if value and _looks_like_path(value) and Path(value).expanduser().exists():
+                changes[name] = absolute(value)
+        return replace(self, **changes) if any(changes[k] != getattr(self, k) for k in changes) else self
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output or self.resume or "").absolute()
+
+
+PATH_SETTINGS = ("data", "eval_data", "static_weights")  # local paths made absolute by ``validate``
+
+
+def absolute(path: str) -> str:
+    """A local path as an absolute path (``~`` expanded); a URI unchanged."""
+    return path if is_uri(path) else str(Path(path).expanduser().absolute())
 
 
 def _looks_like_path(name: str) -> bool:
@@ -192,6 +211,9 @@ def resolve_resume(cfg: TrainConfig) -> TrainConfig:
         if name in RESUMABLE_CHANGES or name not in ours:
             continue
         mine = list(ours[name]) if isinstance(ours[name], tuple) else ours[name]
+        if isinstance(value, str) and value and (name in PATH_SETTINGS or (
+                name in ("model", "tokenizer") and _looks_like_path(value) and Path(value).expanduser().exists())):
+            value = absolute(value)  # a run saved before paths were made absolute, resumed from the same place
         if mine != value:
             diffs.append(f"{name}: run has {value!r}, now {mine!r}")
     if diffs:

@@ -1,73 +1,104 @@
 """The domain sampler: each example of a batch draws its domain from p, then takes the next example of that
-domain from this worker's own stream (no Ray; reading is injected as a ``ChunkLoader``).
+domain from this worker's own stream (no Ray, no IO: reading is injected as a ``UnitLoader``).
 
-A worker's stream for a domain is a list of *chunks* (a parquet row group, or a jsonl file) with the row
-numbers this worker owns in each. Streams read one chunk at a time, in a seeded order that changes every
-epoch, rows shuffled within the chunk; a domain that runs out is reshuffled and restarted (a new epoch).
-Everything is a function of (seed, epoch, position), so the state is three integers per domain plus the
-domain-draw RNG — small enough for every checkpoint, and restoring it replays the same examples.
+A worker's stream for a domain is a list of *units* (a parquet row group or a jsonl file, with what the loader
+needs to pick this worker's rows of this domain in it). Every epoch the stream visits its units in a seeded
+order and reads them sequentially; what it reads passes through a *shuffle buffer*: the next ``buffer``
+examples are read as one block, permuted by an RNG seeded with (seed, epoch, block), and handed out in that
+order. A domain that runs out starts a new epoch (a new unit order, new permutations).
+
+Memory is one block per domain (``buffer`` texts), whatever the corpus size. The state is five integers per
+domain — ``epoch``, the block's start (``unit_pos`` in this epoch's order, ``row`` within that unit), the
+block's number (``block``, which seeds its permutation: the buffer's RNG state) and how many of its examples
+were handed out (``offset``) — plus the domain-draw RNG. Restoring re-reads that one block and skips
+``offset`` examples, so a resumed run draws exactly the examples an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-ChunkLoader = Callable[[int, np.ndarray], list[str]]  # (chunk key, row numbers) -> texts in that order
+# (unit, first row) -> the unit's examples for this stream from row ``first row`` on, in row order, as batches
+# of (row positions within the unit, texts). Must be deterministic: restoring re-reads a block.
+UnitLoader = Callable[[Hashable, int], Iterable[tuple[Sequence[int], list[str]]]]
 
-
-@dataclass(frozen=True)
-class Chunk:
-    key: int  # which file/row group (the loader knows)
-    rows: np.ndarray  # row numbers within the chunk that this worker trains on, for this domain
+DEFAULT_BUFFER = 2048
 
 
 class DomainStream:
     """Endless, seeded, checkpointable stream of one domain's examples on one worker."""
 
-    def __init__(self, chunks: list[Chunk], seed: int, loader: ChunkLoader):
-        self.chunks = [c for c in chunks if len(c.rows)]
+    def __init__(self, units: Sequence[Hashable], seed: int, loader: UnitLoader, buffer: int = DEFAULT_BUFFER):
+        if buffer < 1:
+            raise ValueError(f"shuffle buffer must be >= 1, not {buffer}")
+        self.units = list(units)
         self.seed = int(seed)
         self.loader = loader
-        self.epoch = 0
-        self.chunk_pos = 0
-        self.row_pos = 0
-        self._texts: list[str] | None = None
-
-    def __len__(self) -> int:
-        return int(sum(len(c.rows) for c in self.chunks))
+        self.buffer = int(buffer)
+        self.epoch = self.unit_pos = self.row = self.block = self.offset = 0
+        self._texts: list[str] | None = None  # the current block, permuted
+        self._next: tuple[int, int] | None = None  # where the block after it starts (None: the epoch ended)
+        self._reader: Iterator[tuple[int, int, str]] | None = None  # live sequential read, positioned at _next
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.chunks))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
 
-    def _load(self) -> list[str]:
-        chunk = self.chunks[int(self._order()[self.chunk_pos])]
-        perm = np.random.default_rng([self.seed, self.epoch, self.chunk_pos, 1]).permutation(len(chunk.rows))
-        return self.loader(chunk.key, chunk.rows[perm])
+    def _records(self, unit_pos: int, row: int) -> Iterator[tuple[int, int, str]]:
+        """(unit position, row, text) from (unit_pos, row) to the end of this epoch's read order."""
+        order = self._order()
+        for pos in range(unit_pos, len(self.units)):
+            for rows, texts in self.loader(self.units[int(order[pos])], row if pos == unit_pos else 0):
+                for r, t in zip(rows, texts, strict=True):
+                    yield pos, int(r), t
+
+    def _fill(self) -> None:
+        """Read the block that starts at (unit_pos, row) and permute it."""
+        if self._reader is None or self._next != (self.unit_pos, self.row):
+            self._reader = self._records(self.unit_pos, self.row)
+        texts: list[str] = []
+        end: tuple[int, int] | None = None
+        for pos, r, t in self._reader:
+            texts.append(t)
+            end = (pos, r + 1)
+            if len(texts) == self.buffer:
+                break
+        else:
+            self._reader = None  # the epoch's read order is exhausted
+        self._next = end if self._reader is not None else None
+        perm = np.random.default_rng([self.seed, self.epoch, self.block, 1]).permutation(len(texts))
+        self._texts = [texts[i] for i in perm]
 
     def next(self) -> str:
-        if not self.chunks:
+        if not self.units:
             raise ValueError("this domain has no examples on this worker")
         while True:
             if self._texts is None:
-                self._texts = self._load()
-            if self.row_pos < len(self._texts):
-                self.row_pos += 1
-                return self._texts[self.row_pos - 1]
-            self._texts, self.row_pos = None, 0
-            self.chunk_pos += 1
-            if self.chunk_pos == len(self.chunks):  # ran out: reshuffle and restart
-                self.chunk_pos, self.epoch = 0, self.epoch + 1
+                self._fill()
+            assert self._texts is not None
+            if self.offset < len(self._texts):
+                self.offset += 1
+                return self._texts[self.offset - 1]
+            if not self._texts and self.block == 0:
+                raise ValueError("this domain has no examples on this worker")
+            if self._next is None:  # ran out: a new epoch, in a new order
+                self.epoch, self.unit_pos, self.row, self.block = self.epoch + 1, 0, 0, 0
+            else:
+                (self.unit_pos, self.row), self.block = self._next, self.block + 1
+            self.offset, self._texts = 0, None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "chunk_pos": self.chunk_pos, "row_pos": self.row_pos}
+        return {"epoch": self.epoch, "unit_pos": self.unit_pos, "row": self.row, "block": self.block,
+                "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.chunk_pos, self.row_pos = int(state["epoch"]), int(state["chunk_pos"]), int(state["row_pos"])
-        self._texts = None
+        if "unit_pos" not in state:
+            raise ValueError("the sampler state was written before streams had a shuffle buffer")
+        self.epoch, self.unit_pos, self.row = int(state["epoch"]), int(state["unit_pos"]), int(state["row"])
+        self.block, self.offset = int(state["block"]), int(state["offset"])
+        self._texts, self._next, self._reader = None, None, None
 
 
 class DomainSampler:

@@ -31,7 +31,7 @@ from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.config import TrainConfig
 from rnb_ray.balance.lm import load_tokenizer, matmul_params, model_for
 from rnb_ray.balance.mixer import Mixer
-from rnb_ray.balance.plan import ChunkReader, Plan, worker_eval_set, worker_streams
+from rnb_ray.balance.plan import Plan, SourceReader, worker_eval_set, worker_streams
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
@@ -82,11 +82,10 @@ class Trainer:
         if isinstance(plan, TokenPlan):  # token shards: packed sequences (balance/token_plan.py)
             packers, self.eval_texts = token_worker_data(plan, rt.rank, rt.world, cfg.seed)
             self.sampler = DomainSampler(packers, seed=cfg.seed * 1009 + rt.rank)
-        else:
-            reader = ChunkReader(plan.sources, plan.text_column)
-            self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, reader),
-                                         seed=cfg.seed * 1009 + rt.rank)
-            self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, reader)
+        else:  # each domain streamed from this worker's share of its row groups, through a shuffle buffer
+            self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, SourceReader(plan),
+                                                        buffer=cfg.shuffle_buffer), seed=cfg.seed * 1009 + rt.rank)
+            self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, SourceReader(plan))
         self.eval_pool = [t for texts in self.eval_texts for t in texts]  # for the evaluation gradient
         self.autocast = (torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
                          if cfg.precision == "bf16" else contextlib.nullcontext())
@@ -271,7 +270,11 @@ class Trainer:
                 r = checkpoint.load(ck, model=self.raw_model, optimizer=self.opt, rank=self.rt.rank,
                                     world=self.rt.world, device=self.rt.device)
                 self.sched.load_state_dict(r.scheduler)
-                self.sampler.load_state_dict(r.worker.sampler)
+                try:
+                    self.sampler.load_state_dict(r.worker.sampler)
+                except ValueError as e:
+                    raise RnbError(f"cannot continue this checkpoint's data streams: {e}", where=str(ck),
+                                   fix="start a new run (checkpoints of older rnb-ray versions cannot resume)") from e
                 torch.set_rng_state(r.worker.rng)
                 self.step, self.p, self.totals = r.step, r.p, Totals(**r.worker.totals)
                 self.pending = None if r.pending_round is None else self.mixer.recorded(r.pending_round)

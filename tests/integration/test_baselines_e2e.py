@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rnb_ray.balance.config import TrainConfig
-from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_eval_set
+from rnb_ray.balance.plan import SourceReader, prepare_plan, worker_eval_set
 from rnb_ray.cli import main
 
 MODULES = ["asyncio", "email", "logging"]
@@ -43,7 +43,7 @@ def _config(corpus: Path, strategy: str, out: Path) -> TrainConfig:
 def _eval_examples(cfg: TrainConfig) -> tuple[int, list[int]]:
     """(evaluation examples over all workers, each worker's evaluation-pool size) — from the data plan."""
     plan = prepare_plan(cfg)
-    reader = ChunkReader(plan.sources, plan.text_column)
+    reader = SourceReader(plan)
     pools = [sum(len(t) for t in worker_eval_set(plan, r, WORKERS, reader)) for r in range(WORKERS)]
     return sum(pools), pools
 

@@ -109,16 +109,19 @@ def test_assign_from_s3_domains_to_s3(ray_session, s3, regrouped_s3):
 
 def test_training_plan_reads_the_s3_regroup_output(s3, regrouped_s3, tmp_path):
     from rnb_ray.balance.config import TrainConfig
-    from rnb_ray.balance.plan import ChunkReader, prepare_plan
+    from rnb_ray.balance.plan import SourceReader, prepare_plan, worker_streams
 
     plan = prepare_plan(TrainConfig(data=regrouped_s3, output=str(tmp_path / "run")))
     doc = json.loads(s3.open_input_stream(f"{BUCKET}/out/regrouped/domains.json").read())
     assert plan.domains == ["0", "1", "2"]
     assert int(plan.sizes.sum() + plan.eval_sizes.sum()) == doc["n_documents"]
-    reader = ChunkReader(plan.sources, plan.text_column)
-    key, rows = plan.train[0][0]
-    texts = reader(key, rows[:3])
+    assert plan.domain_counts_from == {"parquet statistics": len(plan.sources)}  # footers only, no data read
+    reader = SourceReader(plan)
+    key, rows = plan.eval[0][0]
+    texts = reader.rows(key, rows[:3])
     assert len(texts) == len(rows[:3]) and all(isinstance(t, str) and t for t in texts)
+    stream = worker_streams(plan, 0, 1, 0, reader, buffer=4)[0]
+    assert all(isinstance(stream.next(), str) for _ in range(6))  # streamed from the objects
     # a separate evaluation set given as a URI (here a single object of the regrouped data)
     part = next(p for p in _objects(s3, f"{BUCKET}/out/regrouped/data/domain-1"))
     with_eval = prepare_plan(TrainConfig(data=regrouped_s3, eval_data=f"s3://{part}", output=str(tmp_path / "r")))

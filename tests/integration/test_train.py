@@ -134,10 +134,12 @@ def test_resume_continues_the_same_trajectory(ray_session, regrouped, rnb_run, t
     assert b[-1]["train_loss"] == pytest.approx(a[-1]["train_loss"], abs=1e-4)
 
 
-def test_stratified_keeps_p_uniform_on_a_domain_column_corpus(ray_session, column_corpus, tmp_path):
+def test_stratified_keeps_p_uniform_on_a_domain_column_corpus(ray_session, column_corpus, tmp_path, monkeypatch):
     run = tmp_path / "strat"
-    _rnb(["--data", str(column_corpus), "--output", str(run), "--strategy", "stratified", "--steps", "10",
+    monkeypatch.chdir(column_corpus.parent)  # a relative --data: made absolute before the workers read it
+    _rnb(["--data", column_corpus.name, "--output", str(run), "--strategy", "stratified", "--steps", "10",
           "--eval-every", "10", *COMMON])
+    assert json.loads((run / "config.json").read_text())["data"] == str(column_corpus)
     mixture = json.loads((run / "mixture.json").read_text())
     assert mixture["domains"] == sorted(MODULES[:3])  # string domains, lexicographic
     for t in mixture["trajectory"]:

@@ -39,3 +39,34 @@ def test_in_process_loop_resumes_onto_the_same_trajectory(sample_corpus, tmp_pat
     assert rows(half) == rows(straight)  # losses, mixtures and counters, not only the trajectory
     mixture = torch.load(half / "mixer" / "state.pt", weights_only=True)["trajectory"]
     assert mixture == torch.load(straight / "mixer" / "state.pt", weights_only=True)["trajectory"]
+
+
+def test_streams_resume_mid_block_onto_the_same_trajectory(sample_corpus, tmp_path):
+    """Small row groups and a 3-example shuffle buffer: the checkpoint falls inside a block, inside a row group,
+    and domains start new epochs after it; the continued run reads and trains on the same examples."""
+    t = pq.read_table(sample_corpus)
+    data = tmp_path / "regrouped"
+    for i, name in enumerate(["asyncio", "decimal", "email"]):
+        part = data / "data" / f"domain={i}"
+        part.mkdir(parents=True)
+        sub = t.filter(pc.equal(t["source"], name)).slice(0, 24)
+        pq.write_table(sub.append_column("domain", pa.array([i] * sub.num_rows)), part / "part-0.parquet",
+                       row_group_size=5)
+    (data / "domains.json").write_text(json.dumps({"k": 3, "sizes": {"0": 24, "1": 24, "2": 24}}))
+    common = dict(data=str(data), tokenizer="byte", batch_size=6, seq_len=16, n_layer=1, n_embd=16, n_head=2,
+                  update_every=3, steps=12, eval_every=6, log_every=3, workers=1, shuffle_buffer=3,
+                  eval_fraction=0.2, eval_max_per_domain=3, strategy="stratified")
+
+    def rows(run: Path) -> list[dict]:
+        out = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "extra_seconds"} for r in out]
+
+    straight = tmp_path / "straight"
+    run_training_loop(TrainConfig(output=str(straight), **common).validate())
+    half = tmp_path / "half"
+    run_training_loop(TrainConfig(output=str(half), stop_after=3, **common).validate())
+    ck = next((half / "checkpoints" / "local").glob("checkpoint_*"))
+    streams = torch.load(ck / "trainer.pt", weights_only=True)["samplers"][0]["streams"]
+    assert any(s["offset"] not in (0, 3) or s["row"] > 0 for s in streams)  # stopped inside a block / a unit
+    run_training_loop(TrainConfig(output=str(half), **common).validate())
+    assert rows(half) == rows(straight)  # losses are those of the same examples
