@@ -42,7 +42,6 @@ reused. ``python benchmarks/multitask_corpus.py --output runs/bench/multitask``
 from __future__ import annotations
 
 import argparse
-import base64
 import gzip
 import json
 import os
@@ -66,7 +65,7 @@ WORDNET = Path("/usr/share/wordnet")
 DICTD = Path("/usr/share/dictd")
 FORTUNES = Path("/usr/share/games/fortunes")
 MAN = Path("/usr/share/man")
-BUILD_VERSION = 1  # bump when the task definitions change (the cache key includes it)
+BUILD_VERSION = 3  # bump when the task definitions change (the cache key includes it)
 
 VAL_PER_TASK = 16
 TEST_PER_TASK = 32
@@ -284,7 +283,7 @@ _GC_SENSE = re.compile(r"^\s*(?:\d+\.\s*)?\((?P<label>[A-Z][A-Za-zö]+\.?)\)\s*(
 def gcide_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     t: dict[str, list[tuple[str, str]]] = {"gcide_define": [], "gcide_subject": [], "gcide_pos": [], "gcide_origin": []}
     plain = []
-    for head, body in entries:
+    for _head, body in entries:
         body = re.sub(r"\[[^\]]*Webster[^\]]*\]|\[PJC\]|\[Century Dict\.\]", "", body.replace("\r", ""))
         blocks = [b for b in re.split(r"\n\s*\n", body) if b.strip()]
         if not blocks:
@@ -293,7 +292,10 @@ def gcide_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[st
         if not m:
             continue
         word = m.group("word").strip()
-        first = blocks[0][m.end():] if len(blocks) == 1 else blocks[1] if len(blocks[0]) - m.end() < 5 else blocks[0][m.end():]
+        b0 = blocks[0].strip()
+        line0 = b0.split("\n", 1)[0]
+        cut = b0.find("]", line0.find("[")) + 1 if "[" in line0 else len(line0)
+        first = b0[cut:] if len(b0) - cut >= 5 else (blocks[1] if len(blocks) > 1 else "")
         senses = [b.strip() for b in blocks]
         plain.append(" ".join(" ".join(s.split()) for s in senses))
         pos = m.group("pos").strip()
@@ -328,7 +330,7 @@ def foldoc_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[s
     plain = []
     counts: dict[str, int] = {}
     parsed = []
-    for head, body in entries:
+    for _head, body in entries:
         lines = body.split("\n", 1)
         if len(lines) < 2:
             continue
@@ -348,14 +350,14 @@ def foldoc_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[s
             continue
         if len(tags) == 1 and tags[0] in common:
             t["foldoc_category"].append((_clean(f"{term}: {stripped}", MAX_IN), tags[0]))
-        t["foldoc_define"].append((term, _clean(re.split(r"(?<=[.!?])\s", stripped, 1)[0], MAX_OUT)))
+        t["foldoc_define"].append((term, _clean(re.split(r"(?<=[.!?])\s", stripped, maxsplit=1)[0], MAX_OUT)))
     return t, plain
 
 
 def jargon_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     t: dict[str, list[tuple[str, str]]] = {"jargon_define": [], "jargon_term": []}
     plain = []
-    for head, body in entries:
+    for _head, body in entries:
         parts = body.split("\n\n", 1)
         if len(parts) < 2:
             continue
@@ -365,7 +367,7 @@ def jargon_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[s
         if len(text) < 20 or text.lower().startswith("see"):
             continue
         plain.append(f"{term}: {text}")
-        first = _clean(re.split(r"(?<=[.!?])\s", text, 1)[0], MAX_OUT)
+        first = _clean(re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0], MAX_OUT)
         t["jargon_define"].append((term, first))
         masked = re.sub(re.escape(term), "____", first, flags=re.I)
         t["jargon_term"].append((masked, term))
@@ -375,7 +377,7 @@ def jargon_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[s
 def vera_tasks(entries: list[tuple[str, str]]) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     t: dict[str, list[tuple[str, str]]] = {"vera_expand": [], "vera_abbreviate": []}
     plain = []
-    for head, body in entries:
+    for _head, body in entries:
         lines = [x.strip() for x in body.strip().split("\n") if x.strip()]
         if len(lines) < 2:
             continue
