@@ -94,16 +94,16 @@ class Pretrain:
 
 @dataclass(frozen=True)
 class Settings:
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 16
     seq_len: int = 96
     lr: float = 1e-3
-    warmup_steps: int = 10
-    update_every: int = 10
+    warmup_steps: int = 5
+    update_every: int = 5
     lam: float = 3.0
     eval_max_per_domain: int = 16
     ks: tuple[int, ...] = (8, 16, 29, 40)
-    sweep_steps: int = 40
+    sweep_steps: int = 30
     model: str | None = None  # None: the benchmark's pretrained small model; else a model path (e.g. a .gguf)
     precision: str = "fp32"
 
@@ -260,6 +260,26 @@ def score(run: Path, corpus: Path) -> dict[str, Any]:
     unseen = loss_by_task(model, tok, cfg.seq_len, corpus / "unseen_test.parquet")
     return {"seen": statistics.fmean(seen.values()), "unseen": statistics.fmean(unseen.values()),
             "seen_by_task": seen, "unseen_by_task": unseen}
+
+
+def score_base(model_dir: str, corpus: Path, seq_len: int) -> dict[str, Any] | None:
+    """The base model's losses before any fine-tuning (the reference every arm starts from), cached."""
+    cache = Path(model_dir) / "scores.json"
+    if not Path(model_dir).is_dir():
+        return None  # a GGUF base: not scored here
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from rnb_ray.balance.lm import build_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir, None)
+    model = build_model(model_dir, vocab_size=len(tok), seq_len=seq_len, n_layer=1, n_head=1, n_embd=8,
+                        pad_token_id=tok.pad_token_id, seed=0)
+    seen = loss_by_task(model, tok, seq_len, corpus / "test.parquet")
+    unseen = loss_by_task(model, tok, seq_len, corpus / "unseen_test.parquet")
+    sc = {"seen": statistics.fmean(seen.values()), "unseen": statistics.fmean(unseen.values()),
+          "seen_by_task": seen, "unseen_by_task": unseen}
+    cache.write_text(json.dumps(sc, indent=1))
+    return sc
 
 
 # ----------------------------------------------------------------------------------- one run
@@ -451,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings()
     p = Pretrain()
     if args.quick:
-        s = Settings(steps=40, update_every=10)
+        s = Settings(steps=30, update_every=5)
         p = Pretrain(steps=100, n_layer=1, n_embd=64, n_head=2)
     over = {k: v for k, v in {"steps": args.steps, "update_every": args.update_every, "lam": args.lam, "lr": args.lr,
                               "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
@@ -490,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "pretrain":
         return 0
     paths: dict[str, Any] = {"corpus": str(corpus), "model": model}
+    pre["scores_before_finetuning"] = score_base(model, corpus, s.seq_len)
     regroup: dict[str, Any] = {"k": None}
     if any(ARMS[a].domains == "regrouped" or ARMS[a].target == "unseen" for a in arms):
         import ray
@@ -534,6 +555,10 @@ def write_results(args: Any, s: Settings, p: Pretrain, pre: dict, manifest: dict
             "steps": s.steps, "batch": s.batch_size, "seq_len": s.seq_len, "lr": s.lr, "update_every": s.update_every,
             "lam": s.lam, "k": regroup.get("k"), "seeds": seeds}
     md = markdown(summary, pairs, runs, meta)
+    base = pre.get("scores_before_finetuning")
+    if base:
+        md += (f"\n\nThe base model before fine-tuning: seen {base['seen']:.4f}, unseen {base['unseen']:.4f} "
+               "(every arm starts there).")
     per_task = per_task_markdown(runs, [a for a in CORE_ARMS + ["rnb/regrouped@unseen"] if a in arms])
     sweep_md = ""
     if regroup.get("trials"):
