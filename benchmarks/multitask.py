@@ -284,7 +284,9 @@ def score_base(model_dir: str, corpus: Path, seq_len: int) -> dict[str, Any] | N
 
 # ----------------------------------------------------------------------------------- one run
 def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path, options: dict[str, Any],
-            tag: str = "") -> dict[str, Any]:
+            tag: str = "", train: bool = True) -> dict[str, Any] | None:
+    """Train (or reuse) and score one arm at one seed; with ``train=False`` a run not already finished is
+    skipped (None)."""
     from rnb_ray.balance.config import TrainConfig
     from rnb_ray.balance.trainer import run_training_loop
     from rnb_ray.config import save_config
@@ -304,6 +306,8 @@ def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path,
     rec: dict[str, Any] = {"arm": arm.name, "seed": seed, "strategy": arm.strategy, "domains": arm.domains,
                            "target": arm.target, "options": opts, "run": str(run)}
     t0 = time.perf_counter()
+    if not train and not (same_finished_run(run, cfg) and (run / "scores.json").is_file()):
+        return None
     try:
         if same_finished_run(run, cfg):
             summ = json.loads((run / "result.json").read_text())
@@ -461,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="suffix for result files and run directories (a variant's runs)")
     ap.add_argument("--results-name", default="", help="result file stem (default multitask[_quick]<tag>): "
                     "parallel processes over disjoint arms write apart; a last pass over all arms reuses every run")
+    ap.add_argument("--table-only", action="store_true", help="train nothing: tabulate the finished runs of the "
+                    "given arms and seeds (missing ones are left out) and the knob variants (--variants)")
+    ap.add_argument("--variants", default="lam1,lam10,round15", help="tags of R&B variant runs for the knob table")
     ap.add_argument("--stage", default="all", choices=["corpus", "embed", "pretrain", "sweep", "all"],
                     help="stop after this stage (each is cached)")
     args = ap.parse_args(argv)
@@ -533,11 +540,55 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in seeds:
         for name in arms:
-            runs.append(run_arm(ARMS[name], seed, s, paths, work, options, tag=args.tag))
-            write_results(args, s, p, pre, manifest, regroup, arms, seeds, runs, options, t_all)
+            rec = run_arm(ARMS[name], seed, s, paths, work, options, tag=args.tag, train=not args.table_only)
+            if rec is not None:
+                runs.append(rec)
+                write_results(args, s, p, pre, manifest, regroup, arms, seeds, runs, options, t_all)
     md = write_results(args, s, p, pre, manifest, regroup, arms, seeds, runs, options, t_all)
+    if args.table_only and not args.tag:
+        knobs = knob_table(runs, [v for v in args.variants.split(",") if v])
+        stem = RESULTS / (args.results_name or f"multitask{'_quick' if args.quick else ''}")
+        stem.with_suffix(".md").write_text(stem.with_suffix(".md").read_text() + "\n" + knobs + "\n")
+        res = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".json").write_text(json.dumps(res | {"knob_markdown": knobs}, indent=1, default=str))
+        md += "\n\n" + knobs
     print(md)
     return 0 if all(r.get("ok") for r in runs) else 1
+
+
+def knob_table(base_runs: list[dict], variants: list[str]) -> str:
+    """R&B variants (one knob changed each, their own result files ``multitask_<variant>.json``), each paired
+    by seed with this run's stratified arms (stratified sampling does not depend on λ or the round length)."""
+    strat = {a: {r["seed"]: r for r in base_runs if r["arm"] == a and r.get("ok")}
+             for a in ("stratified/original", "stratified/regrouped")}
+    lines = ["| variant | arm | seeds | seen | Δ seen vs strat/orig (wins) | Δ seen vs strat/regr (wins) | unseen "
+             "| Δ unseen vs strat/orig (wins) | final p max/min |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("base (λ = 3, 5-step rounds)", [r for r in base_runs if r["arm"] in ("rnb/original", "rnb/regrouped")])]
+    for v in variants:
+        f = RESULTS / f"multitask_{v}.json"
+        if f.is_file():
+            rows.append((v, json.loads(f.read_text())["runs"]))
+    for name, runs in rows:
+        for arm in ("rnb/original", "rnb/regrouped"):
+            mine = {r["seed"]: r for r in runs if r["arm"] == arm and r.get("ok")}
+            if not mine:
+                continue
+            cells = []
+            for metric, other in (("seen", "stratified/original"), ("seen", "stratified/regrouped"),
+                                  ("unseen", "stratified/original")):
+                d = [mine[k][metric] - strat[other][k][metric] for k in mine if k in strat[other]]
+                cells.append(f"{statistics.fmean(d):+.4f} ({sum(x < 0 for x in d)}/{len(d)})" if d else "—")
+            ratios = []
+            for r in mine.values():
+                p = list((r.get("final_mixture") or {}).values())
+                if p:
+                    ratios.append(max(p) / max(min(p), 1e-12))
+            sm, ss = mean_std([r["seen"] for r in mine.values()])
+            um, us = mean_std([r["unseen"] for r in mine.values()])
+            lines.append(f"| {name} | {arm} | {len(mine)} | {sm:.4f} ± {ss:.4f} | {cells[0]} | {cells[1]} | "
+                         f"{um:.4f} ± {us:.4f} | {cells[2]} | {statistics.fmean(ratios) if ratios else float('nan'):.1f} |")
+    return "R&B knobs, one at a time (Δ = mean paired difference, negative = R&B lower; wins = seeds lower):\n\n" \
+        + "\n".join(lines)
 
 
 def argv_has(argv: list[str] | None, flag: str) -> bool:
