@@ -189,7 +189,9 @@ def sweep_k(corpus: Path, model: str, work: Path, s: Settings) -> dict[str, Any]
 
     base = {"model": model, "batch_size": s.batch_size, "seq_len": s.seq_len, "lr": s.lr,
             "warmup_steps": s.warmup_steps, "eval_max_per_domain": 32, "precision": s.precision}
-    tc = work / f"sweep_train_config_{abs(hash(json.dumps(base, sort_keys=True))) % 10**8}.json"
+    import hashlib
+
+    tc = work / f"sweep_train_config_{hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:10]}.json"
     tc.write_text(json.dumps(base))
     cfg = sweep_config(corpus, work, s, tc)
     out = Path(cfg.output)
@@ -395,8 +397,9 @@ def summarize(runs: list[dict], arms: list[str]) -> list[dict[str, Any]]:
 def markdown(summary: list[dict], pairs: list[dict], runs: list[dict], meta: dict[str, Any]) -> str:
     lines = [f"{meta['n_seen']} seen tasks ({meta['n_train']} training examples), {meta['n_unseen']} unseen tasks; "
              f"base model {meta['model']}; {meta['steps']} steps × {meta['batch']} examples × {meta['seq_len']} tokens, "
-             f"lr {meta['lr']:g}, {meta['update_every']}-step rounds, λ = {meta['lam']:g}; regrouped k = {meta['k']} "
-             f"(rnb sweep, best proxy loss); seeds {meta['seeds']}. Loss = mean per-example next-token loss, "
+             f"lr {meta['lr']:g}, {meta['update_every']}-step rounds, λ = {meta['lam']:g}; "
+             + (f"regrouped k = {meta['k']} (rnb sweep, best proxy loss)" if meta["k"] else "no regrouped arms")
+             + f"; seeds {meta['seeds']}. Loss = mean per-example next-token loss, "
              "uniform mean over tasks; lower is better.", "",
              "| arm | seen tasks (held-out) | unseen tasks | overhead s | overhead / train time "
              "| extra FLOPs / train FLOPs | runs |", "|---|---|---|---|---|---|---|"]
