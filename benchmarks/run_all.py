@@ -72,7 +72,6 @@ FIDELITY_TABLES: list[tuple[str, str]] = [
     ("fidelity_baselines.md", "The same setting with the paper's baselines (DGA, DoGE, Skill-It, Aioli):"),
     ("fidelity_long.md", "**Fidelity**, longer training (300 steps; the five arms):"),
     ("fidelity_investigation.md", "**Why R&B does or does not win here** (`benchmarks/fidelity_investigate.py`):"),
-    ("multitask.md", "**Multi-task fidelity** (`benchmarks/multitask.py`: SNI-style tasks, pretrained small model):"),
 ]
 
 
