@@ -14,7 +14,7 @@ reports held-out loss on the training tasks and on unseen tasks. This benchmark 
    unseen tasks (mean per-example loss per task, uniform mean over tasks, as the paper's).
 
     python benchmarks/multitask.py                       # full: all arms, 5 seeds
-    python benchmarks/multitask.py --quick               # ≤ 5 min: 2 arms, 1 seed, 40 steps (a smoke test)
+    python benchmarks/multitask.py --quick               # ≤ 5 min: 2 arms, 1 seed, 30 steps, a 1-layer base (a smoke test)
     python benchmarks/multitask.py --arms rnb/regrouped --seeds 0,1 --lam 10 --tag _lam10
     python benchmarks/multitask.py --model path/to/SmolLM2.gguf --tag _smollm2 ...   # another base model
 
@@ -446,8 +446,8 @@ def per_task_markdown(runs: list[dict], arms: list[str]) -> str:
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke test (≤ 5 min): 2 arms, 1 seed, 40 steps, k from "
-                    "one sweep candidate is not needed (original domains only)")
+    ap.add_argument("--quick", action="store_true", help="smoke test (≤ 5 min): stratified and R&B over the original tasks, 1 seed, "
+                    "30 steps, a 1-layer base model pretrained 100 steps (no regrouping, so no Ray)")
     ap.add_argument("--arms", default="", help=f"comma-separated, 'core' or 'all' (default all): {', '.join(ARMS)}")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--steps", type=int, default=None)

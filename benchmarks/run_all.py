@@ -61,7 +61,7 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
      ["--quick", "--arms", ",".join(FIDELITY_ARMS), "--seeds", "0,1,2", "--k", "20"], FIDELITY_SMOKE),
     # The paper's regime: multi-task instruction data (38 SNI-style tasks from Debian text), a pretrained small
     # model. Full suite: the five core arms x 5 seeds (finished runs are reused from runs/bench/mt; from a cold
-    # start this is ~40 min on an idle 2-core machine). Reduced suite: 2 arms x 1 seed x 40 steps on a 1-layer
+    # start this is ~40 min on an idle 2-core machine). Reduced suite: 2 arms x 1 seed x 30 steps on a 1-layer
     # model pretrained for 100 steps (a smoke test of the whole path, not evidence).
     ("multi-task fidelity", "multitask.py", "multitask.json", ["--arms", "core", "--seeds", "0,1,2,3,4"],
      ["--quick"]),
