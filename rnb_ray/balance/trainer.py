@@ -306,10 +306,15 @@ class Trainer:
 
 
 def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None,
-                      report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                      report: Callable[[dict[str, Any]], None] | None = None,
+                      records: bool = False) -> dict[str, Any]:
     """The loop in the calling process: one worker, no TorchTrainer, no torch.distributed, the mixer a
     local object (for a Ray Tune trainable: ``report`` gets every ``metrics.jsonl`` row). Writes the run
-    directory's ``metrics.jsonl``, ``mixer/`` and ``checkpoints/local/``; returns the summary."""
+    directory's ``metrics.jsonl``, ``mixer/`` and ``checkpoints/local/``; with ``records`` also
+    ``mixture.json`` and ``result.json``, as `rnb train` does. Returns the summary (with ``records``, the
+    result.json one: the mixer's own seconds, FLOPs and final mixture added)."""
+    t0 = time.perf_counter()
     setup = setup_run(cfg, 1, plan)
-    rt = LocalRuntime(cfg.run_dir, Mixer(setup.spec), use_gpu=cfg.use_gpu, report=report)
-    return Trainer(setup, rt).train()
+    mixer = Mixer(setup.spec)
+    summary = Trainer(setup, LocalRuntime(cfg.run_dir, mixer, use_gpu=cfg.use_gpu, report=report)).train()
+    return mixer.finish({"seconds_total": time.perf_counter() - t0}) if records else summary
