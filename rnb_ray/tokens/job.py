@@ -66,7 +66,7 @@ def plan_units(cfg: TokenizeConfig) -> tuple[Any, list[Unit], Path | None]:
     """(filesystem, units, the source's domains.json or None), every file's columns checked."""
     from rnb_ray.balance.plan import list_data
 
-    fs, found = list_data(cfg.data, "--data")
+    fs, found, _root = list_data(cfg.data, "--data")
     units: list[Unit] = []
     for listed in found:
         f = listed.shown
