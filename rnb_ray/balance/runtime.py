@@ -69,6 +69,9 @@ class Runtime(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over workers (in place)."""
 
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum (m, D) over workers and keep this rank's ⌈D/W⌉ columns (rank r: columns r·c …, zero-padded)."""
+
     def barrier(self) -> None: ...
 
     def gather(self, obj: Any) -> list[Any]:
@@ -125,6 +128,9 @@ class LocalRuntime:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def barrier(self) -> None:
         pass
@@ -217,6 +223,19 @@ class RayTrainRuntime:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.world
+        if W == 1:
+            return x
+        m, D = x.shape
+        c = -(-D // W)
+        if c * W != D:
+            x = torch.nn.functional.pad(x, (0, c * W - D))
+        chunks = x.reshape(m, W, c).transpose(0, 1).contiguous()  # rank r's columns contiguous, in rank order
+        out = torch.empty(m * c, dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, chunks.reshape(-1))
+        return out.view(m, c)
 
     def barrier(self) -> None:
         if self.world > 1:

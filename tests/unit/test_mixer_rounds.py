@@ -16,8 +16,10 @@ def _mixer(tmp_path, workers: int = 2) -> Mixer:
 
 
 def _payload(seed: int) -> dict:
+    """A round's terms as the workers send them (already reduced among themselves)."""
     rng = np.random.default_rng(seed)
-    return {"sums": rng.normal(size=(3, 8)), "counts": np.array([2, 3, 4])}
+    g = rng.normal(size=(3, 8))
+    return {"counts": np.array([2, 3, 4]), "present": np.ones(3, dtype=bool), "gram": g @ g.T}
 
 
 def test_a_workers_next_round_waits_for_the_others_current_round(tmp_path):
