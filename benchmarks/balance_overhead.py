@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -304,6 +305,216 @@ def table_rows(res: dict) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- GPT-2 small
+# The issue-15 setting: a GPT-2-small shape (12 layers, 768 wide, the 30,522-token BERT head), batch 4 × 128
+# tokens, a round every 5 steps, R&B with its default settings (capture chosen from --capture-budget-mb).
+GPT2 = {"n_layer": 12, "n_embd": 768, "n_head": 12, "batch_size": 4, "seq_len": 128, "update_every": 5}
+if os.environ.get("RNB_BENCH_SMOKE"):  # a smoke test of the code path only (tiny model)
+    GPT2 |= {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32}
+
+
+def domains_corpus(root: Path, m: int) -> Path:
+    """The sample corpus dealt round-robin (in a seeded random order) into m domains: every domain gets
+    ⌊n/m⌋ or ⌈n/m⌉ documents, so 256 domains still have a held-out split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rnb_ray.sample import write_sample_corpus
+
+    table = pq.read_table(write_sample_corpus(root / "sample.parquet"))
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    dom = np.empty(table.num_rows, dtype=object)
+    dom[order] = [f"d{i % m:03d}" for i in range(table.num_rows)]
+    path = root / f"corpus_{m}.parquet"
+    pq.write_table(table.append_column("domain", pa.array(dom.tolist())), path, row_group_size=256)
+    return path
+
+
+def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
+    """Interleaved stratified/rnb pairs through ``train`` (TorchTrainer + mixer actor) for each (m, workers):
+    pair 0 runs A B, pair 1 B A, …, so machine-load drift hits both arms of a pair alike."""
+    import ray
+
+    from rnb_ray.balance.train import train
+    from rnb_ray.ray_env import connect
+
+    connect(None, num_cpus=2)
+    data = {m: domains_corpus(root, m) for m in sorted({m for m, _ in cases})}
+    out: dict = {"settings": GPT2 | {"steps": args.gpt2_steps, "pairs": args.pairs, "eval_max_per_domain": 1},
+                 "runs": {}}
+    arms = [("stratified", {"strategy": "stratified"}), ("rnb", {"strategy": "rnb"})]
+    for m, W in cases:  # case by case, so a cut-short run has whole cases
+        for rep in range(args.pairs):
+            key = f"m{m}_w{W}"
+            for arm, kw in (arms if rep % 2 == 0 else arms[::-1]):
+                load0 = os.getloadavg()[0]
+                cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
+                                  steps=args.gpt2_steps, eval_every=args.gpt2_steps, log_every=GPT2["update_every"],
+                                  eval_max_per_domain=1, lr=5e-4, warmup_steps=2,
+                                  capture_budget_mb=args.capture_budget_mb, **GPT2, **kw)
+                res = train(cfg)
+                s = res.summary
+                rows = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+                rounds = [r for r in rows if r["step"] % GPT2["update_every"] == 0]
+                loop = s["seconds_train"] + s["seconds_capture"] + s.get("seconds_reduce", 0.0) + s["seconds_mixer"]
+                rec = {"rep": rep, "loop_seconds": loop, "seconds_train": s["seconds_train"],
+                       "seconds_capture": s["seconds_capture"], "seconds_reduce": s.get("seconds_reduce", 0.0),
+                       "seconds_mixer": s["seconds_mixer"], "seconds_total": s["seconds_total"],
+                       "flops_train": s["flops_train"], "flops_balance": s["flops_balance"],
+                       "peak_rss_mb_per_worker": s.get("peak_rss_mb_per_worker"), "capture": s.get("capture"),
+                       "bytes_to_mixer_per_round": max((r.get("bytes_to_mixer", 0) for r in rounds), default=0),
+                       "bytes_collective_per_round": (rounds[-1].get("bytes_collective", 0) / max(1, len(rounds))
+                                                      if rounds else 0),
+                       "sketch_gram_rel_error": [r.get("sketch_gram_rel_error") for r in rounds],
+                       "mixture": res.mixture, "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
+                out["runs"].setdefault(key, {}).setdefault(arm, []).append(rec)
+                print(f"  {key} {arm} rep {rep}: loop {loop:.1f}s (train {s['seconds_train']:.1f}, capture "
+                      f"{s['seconds_capture']:.2f}, reduce {rec['seconds_reduce']:.2f}, mixer {s['seconds_mixer']:.2f}),"
+                      f" load {load0:.1f}", flush=True)
+                shutil.rmtree(cfg.output, ignore_errors=True)  # checkpoints of a 124 M model: 1.5 GB a run
+            out["summary"] = gpt2_summary(out["runs"])
+            save(out)
+    ray.shutdown()
+    return out
+
+
+def gpt2_summary(runs: dict) -> dict:
+    summ = {}
+    for key, arms in runs.items():
+        n = min(len(arms.get("rnb", [])), len(arms.get("stratified", [])))
+        if not n:
+            continue
+        rr, ss = arms["rnb"][:n], arms["stratified"][:n]
+        summ[key] = {
+            "loop_time_ratio": _spread([r["loop_seconds"] / b["loop_seconds"] for r, b in zip(rr, ss, strict=True)]),
+            # the balance work measured inside the rnb run itself (no second run's noise): capture + reduction
+            # + mixer round trip, over the rest of the loop
+            "attributed_overhead": _spread([(r["seconds_capture"] + r["seconds_reduce"] + r["seconds_mixer"])
+                                            / r["seconds_train"] for r in rr]),
+            "seconds_capture": _spread([r["seconds_capture"] for r in rr]),
+            "seconds_reduce": _spread([r["seconds_reduce"] for r in rr]),
+            "seconds_mixer": _spread([r["seconds_mixer"] for r in rr]),
+            "peak_rss_mb_rnb": max(max(r["peak_rss_mb_per_worker"] or [0]) for r in rr),
+            "peak_rss_mb_stratified": max(max(b["peak_rss_mb_per_worker"] or [0]) for b in ss),
+            "bytes_to_mixer_per_round": rr[0]["bytes_to_mixer_per_round"],
+            "bytes_collective_per_round": rr[0]["bytes_collective_per_round"],
+            "capture": rr[0]["capture"],
+            "balance_flops_ratio": float(np.median([r["flops_balance"] / r["flops_train"] for r in rr])),
+        }
+    return summ
+
+
+def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
+    """Per round, p from the default capture (a sketch at this size) vs p from exact capture, on the same
+    batches of one run (in process, 1 worker; batches drawn with the exact p). Sketches are linear, so the
+    sketch of a domain's exact sum is what the sketched capture accumulates; exact sums are held only for the
+    round's domains (slots) and the domains seen so far, so 256 domains fit in memory."""
+    from rnb_ray.balance.capture import layer_shapes
+    from rnb_ray.balance.gram import expected_sketch_error
+    from rnb_ray.balance.sketch import choose_capture, make_layer_sketch, sketch_matrix
+
+    data = domains_corpus(root, m)
+    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, **GPT2)
+    plan = prepare_plan(cfg)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
+    torch.manual_seed(0)
+    model = model_for(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, ChunkReader(plan.sources, plan.text_column)),
+                            seed=cfg.seed * 1009)
+    modules = find_capture_modules(model, "head")
+    (out_f, in_f), = layer_shapes(modules)
+    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20))
+    if not choice.sketch_dim:
+        return {"m": m, "capture": choice.as_dict(), "note": "default is exact: agreement 1 by construction"}
+    sk = make_layer_sketch(out_f, in_f, choice.sketch_dim, seed=cfg.seed * 1_000_003)  # the capture's own
+    k1, k2 = sk.r_out.shape[1], sk.r_in.shape[1]
+    K, B = GPT2["update_every"], GPT2["batch_size"]
+    cap = DomainGradCapture(modules, K * B)  # one slot per example of a round at most
+    exact: dict[int, torch.Tensor] = {}
+    sketched = torch.zeros(m, k1 * k2, dtype=torch.float64)
+    G = np.zeros((m, m))
+    p = np.full(m, 1.0 / m)
+    per_round = []
+    try:
+        for r in range(rounds):
+            batches = [next_batch(sampler, p, B, tok, cfg.seq_len, by_domain=True) for _ in range(K)]
+            doms = sorted({int(d) for b in batches for d in b.domains})
+            slot = {d: i for i, d in enumerate(doms)}
+            for b in batches:
+                t0 = time.perf_counter()
+                train_step(model, opt, None, Batch(b.input_ids, b.attention_mask,
+                                                   np.array([slot[int(d)] for d in b.domains])), capture=cap)
+                print(f"    m={m} round {r} step {time.perf_counter() - t0:.1f}s", flush=True)
+            for d in doms:
+                mean = cap.sums[slot[d]] / float(cap.counts[slot[d]])
+                exact[d] = mean.clone()
+                sketched[d] = sketch_matrix(mean.view(out_f, in_f), sk).double()
+            cap.reset()
+            seen = sorted(exact)
+            for d in doms:  # G's rows of the round's domains, as the workers form them
+                for j in seen:
+                    G[d, j] = G[j, d] = float(exact[d].double() @ exact[j].double())
+            Gs = (sketched @ sketched.T).numpy()
+            p_exact, _ = rnb_mixture(G, plan.q, 3.0)
+            p_sketch, _ = rnb_mixture(Gs, plan.q, 3.0)
+            per_round.append({"round": r, "domains_in_round": len(doms), "domains_seen": len(seen),
+                              "mixture_l1": float(np.abs(p_sketch - p_exact).sum()),
+                              "gram_rel_error": gram_relative_error(G, Gs),
+                              "expected_gram_rel_error": expected_sketch_error(Gs, [(k1, k2)])})
+            print(f"  m={m} round {r}: |p_sketch - p_exact|_1 {per_round[-1]['mixture_l1']:.4f}, Gram error "
+                  f"{per_round[-1]['gram_rel_error']:.3f} (expected {per_round[-1]['expected_gram_rel_error']:.3f})",
+                  flush=True)
+            p = p_exact
+    finally:
+        cap.remove()
+    return {"m": m, "capture": choice.as_dict(), "rounds": per_round,
+            "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
+            "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round]))}
+
+
+def gpt2_table(res: dict) -> list[dict]:
+    rows = []
+    for key, r in res.get("pairs", {}).get("summary", {}).items():
+        lt, at = r["loop_time_ratio"], r["attributed_overhead"]
+        cap = r["capture"] or {}
+        rows.append({"metric": f"GPT-2 small {key}: rnb loop time / stratified", "ratio": lt["median"],
+                     "note": f"{lt['n']} interleaved pairs ({lt['min']:.3f}–{lt['max']:.3f}); capture/reduce/mixer "
+                             f"inside the rnb run {100 * at['median']:.2f}% of its step time; {cap.get('mode')} "
+                             f"{cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
+                             f"peak RSS {r['peak_rss_mb_rnb']:.0f} vs {r['peak_rss_mb_stratified']:.0f} MB"})
+    for a in res.get("agreement", []):
+        if "mean_mixture_l1" in a:
+            rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
+                         "value": a["mean_mixture_l1"],
+                         "note": f"sketch {a['capture']['sketch_dim']}, Gram error {a['mean_gram_rel_error']:.3f}; "
+                                 "target ≤ 0.01"})
+    return rows
+
+
+def gpt2_main(args) -> None:
+    out = Path(args.out)
+    res: dict = {"benchmark": "balance_overhead_gpt2", "complete": False}
+
+    def save(**parts) -> None:
+        res.update(parts, machine=machine())
+        res["table"] = gpt2_table(res)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    cases = [(int(m), int(w)) for m, w in (c.split("x") for c in args.cases.split(","))]
+    with tempfile.TemporaryDirectory(prefix="rnb-gpt2-") as tmp:
+        root = Path(tmp)
+        if args.agreement_rounds:
+            agree = []
+            for m in sorted({m for m, _ in cases}):
+                agree.append(gpt2_agreement(root, m, args.agreement_rounds, args.capture_budget_mb))
+                save(agreement=agree)
+        if args.pairs:
+            gpt2_pairs(root, cases, args, lambda part: save(pairs=part))
+    save(complete=True)
+    print(json.dumps(res["table"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small settings for CI/smoke runs (~10 minutes)")
@@ -311,8 +522,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="interleaved static/rnb repetitions through Ray Train")
     ap.add_argument("--sketch-runs", type=int, default=1, help="how many of those pairs also run rnb with a sketch")
-    ap.add_argument("--out", default="benchmarks/results/balance_overhead.json")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--gpt2-small", action="store_true", help="the GPT-2-small-shape study (issue 15) instead")
+    ap.add_argument("--cases", default="15x1,64x1,256x1,15x2,64x2,256x2", help="GPT-2 small: domains x workers")
+    ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
+    ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
+    ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
     args = ap.parse_args()
+    if args.gpt2_small:
+        args.out = args.out or "benchmarks/results/balance_overhead_gpt2.json"
+        gpt2_main(args)
+        return
+    args.out = args.out or "benchmarks/results/balance_overhead.json"
     q = args.quick
     args.steps = 40 if q else 200
     args.batch_size = 8 if q else 16

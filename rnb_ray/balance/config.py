@@ -66,7 +66,7 @@ class TrainConfig:
     capture: str = field(default="head", metadata={"help": "parameter subset for per-domain gradients: head, last_block, head+last_block, or module names (comma-separated)"})
     sketch_dim: int = field(default=-1, metadata={"help": "random-projection sketch size per captured layer (-1: "
                                                   "chosen from --capture-budget-mb; 0: exact gradients)"})
-    capture_budget_mb: float = field(default=1024.0, metadata={"help": "per-worker memory for a round's per-domain "
+    capture_budget_mb: float = field(default=4096.0, metadata={"help": "per-worker memory for a round's per-domain "
                                      "gradients (sums + this worker's share of the estimates, float32): exact capture "
                                      "when it fits, else the largest sketch (≤ 4096) that does"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (a multiple of update_every; 0: only at the end)"})

@@ -33,7 +33,7 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """(m,) float: 1 where a row holds a NaN/inf (its sum is then non-finite, or it overflows, equally unusable)."""
     if x.numel() == 0:
         return torch.zeros(x.shape[0], dtype=torch.float64)
-    return (~torch.isfinite(x.sum(dim=1, dtype=torch.float64))).double().cpu()
+    return (~torch.isfinite(x.sum(dim=1))).double().cpu()  # overflow to inf is as unusable as a NaN
 
 
 class DomainEstimates:

@@ -146,6 +146,7 @@ class Trainer:
                 self.save_checkpoint()
         if self.capture is not None:
             self.capture.remove()
+        self.peak_rss_mb = self.rt.gather(_peak_rss_mb())  # every worker's peak memory, for the summary
         return self.summary(end) if self.rt.rank == 0 else {}
 
     def _capture_seconds(self) -> float:
@@ -285,7 +286,8 @@ class Trainer:
         summary["balance_flops_ratio"] = summary.get("flops_balance", 0.0) / ft if ft else None
         summary.update({"workers": self.rt.world, "strategy": self.cfg.strategy, "domains": self.plan.domains,
                         "n_params_matmul": self.n_params, "q_source": self.plan.q_source,
-                        "capture": self.choice.as_dict() if self.choice is not None else None})
+                        "capture": self.choice.as_dict() if self.choice is not None else None,
+                        "peak_rss_mb_per_worker": self.peak_rss_mb})
         self.mixer.call("set_summary", summary)
         return summary
 
@@ -347,3 +349,12 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None,
 def _nbytes(payload: dict[str, Any]) -> int:
     """Bytes of the arrays a round sends to the mixer (what crosses the object store, before pickling)."""
     return int(sum(np.asarray(v).nbytes for v in payload.values() if v is not None))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
