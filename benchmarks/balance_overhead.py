@@ -330,15 +330,41 @@ def domains_corpus(root: Path, m: int) -> Path:
     return path
 
 
+def _local_run(cfg: TrainConfig, conn) -> None:
+    from rnb_ray.balance.trainer import run_training_loop
+
+    conn.send(run_training_loop(cfg))
+    conn.close()
+
+
+def _in_fresh_process(cfg: TrainConfig) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_local_run, args=(cfg, child))
+    proc.start()
+    out = parent.recv()
+    proc.join()
+    return out
+
+
+def eval_fraction(m: int) -> float:
+    """Enough held out that every domain keeps one evaluation document (256 domains: 8–9 documents each)."""
+    return 0.1 if m < 128 else 0.25
+
+
 def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
-    """Interleaved stratified/rnb pairs through ``train`` (TorchTrainer + mixer actor) for each (m, workers):
-    pair 0 runs A B, pair 1 B A, …, so machine-load drift hits both arms of a pair alike."""
+    """Interleaved stratified/rnb pairs for each (m, workers): one worker through ``run_training_loop`` (the
+    same ``Trainer`` in this process), more through ``train`` (TorchTrainer + mixer actor). Pair 0 runs A B,
+    pair 1 B A, …, so machine-load drift hits both arms of a pair alike."""
     import ray
 
     from rnb_ray.balance.train import train
     from rnb_ray.ray_env import connect
 
-    connect(None, num_cpus=2)
+    if any(W > 1 for _, W in cases):
+        connect(None, num_cpus=2)
     data = {m: domains_corpus(root, m) for m in sorted({m for m, _ in cases})}
     out: dict = {"settings": GPT2 | {"steps": args.gpt2_steps, "pairs": args.pairs, "eval_max_per_domain": 1},
                  "runs": {}}
@@ -350,23 +376,28 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                 load0 = os.getloadavg()[0]
                 cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
                                   steps=args.gpt2_steps, eval_every=args.gpt2_steps, log_every=GPT2["update_every"],
-                                  eval_max_per_domain=1, lr=5e-4, warmup_steps=2,
+                                  eval_max_per_domain=1, eval_fraction=eval_fraction(m), lr=5e-4, warmup_steps=2,
                                   capture_budget_mb=args.capture_budget_mb, **GPT2, **kw)
-                res = train(cfg)
-                s = res.summary
+                if W == 1:  # the same Trainer loop (LocalRuntime, the Mixer as an object) in a fresh process,
+                    # so peak memory is the run's own: no Ray Train start-up (minutes on a loaded 2-core machine)
+                    s = _in_fresh_process(cfg)
+                    mixture = None
+                else:
+                    res = train(cfg)
+                    s, mixture = res.summary, res.mixture
                 rows = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
                 rounds = [r for r in rows if r["step"] % GPT2["update_every"] == 0]
                 loop = s["seconds_train"] + s["seconds_capture"] + s.get("seconds_reduce", 0.0) + s["seconds_mixer"]
                 rec = {"rep": rep, "loop_seconds": loop, "seconds_train": s["seconds_train"],
                        "seconds_capture": s["seconds_capture"], "seconds_reduce": s.get("seconds_reduce", 0.0),
-                       "seconds_mixer": s["seconds_mixer"], "seconds_total": s["seconds_total"],
+                       "seconds_mixer": s["seconds_mixer"], "seconds_total": s.get("seconds_total"),
                        "flops_train": s["flops_train"], "flops_balance": s["flops_balance"],
                        "peak_rss_mb_per_worker": s.get("peak_rss_mb_per_worker"), "capture": s.get("capture"),
                        "bytes_to_mixer_per_round": max((r.get("bytes_to_mixer", 0) for r in rounds), default=0),
                        "bytes_collective_per_round": (rounds[-1].get("bytes_collective", 0) / max(1, len(rounds))
                                                       if rounds else 0),
                        "sketch_gram_rel_error": [r.get("sketch_gram_rel_error") for r in rounds],
-                       "mixture": res.mixture, "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
+                       "mixture": mixture, "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
                 out["runs"].setdefault(key, {}).setdefault(arm, []).append(rec)
                 print(f"  {key} {arm} rep {rep}: loop {loop:.1f}s (train {s['seconds_train']:.1f}, capture "
                       f"{s['seconds_capture']:.2f}, reduce {rec['seconds_reduce']:.2f}, mixer {s['seconds_mixer']:.2f}),"
@@ -374,7 +405,8 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                 shutil.rmtree(cfg.output, ignore_errors=True)  # checkpoints of a 124 M model: 1.5 GB a run
             out["summary"] = gpt2_summary(out["runs"])
             save(out)
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     return out
 
 
@@ -414,7 +446,7 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     from rnb_ray.balance.sketch import choose_capture, make_layer_sketch, sketch_matrix
 
     data = domains_corpus(root, m)
-    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, **GPT2)
+    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m), **GPT2)
     plan = prepare_plan(cfg)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
     torch.manual_seed(0)

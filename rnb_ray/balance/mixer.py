@@ -2,9 +2,9 @@
 
 Each round (every K = ``update_every`` steps) every worker calls ``submit(rank, round, step, payload)``
 with the round's terms, already reduced among the workers with their own collectives
-(``balance/round_reduce.py``): the example counts, which domains are present, the Gram matrix G over the
-domains' mean-gradient estimates and, when the strategy asks, the evaluation alignments ḡ_iᵀg_e (the same on
-every worker) and this worker's share of the evaluation losses — kilobytes, never the gradients. When the
+(``balance/round_reduce.py``): rank 0 sends the example counts, which domains are present, the Gram matrix G
+over the domains' mean-gradient estimates and, when the strategy asks, the evaluation alignments ḡ_iᵀg_e;
+every rank sends its share of the evaluation losses — kilobytes, never the gradients. When the
 last worker's contribution arrives the mixer calls the strategy (R&B: p ← softmax(λ·Gq/‖Gq‖)), applies the
 floor, records the round, persists its state, and answers every waiting worker with the same new p.
 
@@ -196,9 +196,9 @@ class Mixer:
     def _complete(self, round_: int, step: int) -> None:
         t0 = time.perf_counter()
         parts = [self._pending[round_][r] for r in sorted(self._pending[round_])]
-        # The workers reduced the gradients among themselves: every part holds the same global counts and
-        # terms (rank 0's are used); only the evaluation losses are shares that add up.
-        first = parts[0]
+        # The workers reduced the gradients among themselves: rank 0's part holds the global counts and
+        # terms (the other ranks send only their shares of the evaluation losses, which add up).
+        first = self._pending[round_][min(self._pending[round_])]
         counts = np.asarray(first["counts"]).astype(np.int64)
         eval_losses = None
         if first.get("eval_loss_sums") is not None:

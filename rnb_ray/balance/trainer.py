@@ -214,9 +214,10 @@ class Trainer:
             if dump:
                 self._dump_means(terms["counts"])
             self.totals.seconds_reduce += self.reducer.seconds - r0
-            payload.update(terms)
-            if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
-                payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_shapes)
+            if self.rt.rank == 0:  # every worker holds the same terms; the mixer reads rank 0's
+                payload.update(terms)
+                if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
+                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_shapes)
         self.round_terms = {"sketch_gram_rel_error": payload.get("sketch_error"),
                             "bytes_to_mixer": _nbytes(payload),
                             "bytes_collective": self.reducer.bytes_collective if self.reducer is not None else 0}
