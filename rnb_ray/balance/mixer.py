@@ -119,7 +119,7 @@ class Mixer:
         self.p = apply_floor(self.strategy.initial(), self.spec.floor)
         self.round = 0  # the next round to complete
         self.trajectory: list[dict[str, Any]] = [{"round": -1, "step": 0, "mixture": self.p.tolist(), "skipped": None}]
-        self.last_gram: list[list[float]] | None = None
+        self.last_gram: np.ndarray | None = None  # an array (saved as a tensor): m × m floats as lists are slow
         self.seconds = 0.0  # time spent aggregating and updating
         self.flops = 0
 
@@ -134,7 +134,8 @@ class Mixer:
         self.p = np.asarray(state["p"], dtype=np.float64)
         self.round = int(state["round"])
         self.trajectory = list(state["trajectory"])
-        self.last_gram = state.get("last_gram")
+        lg = state.get("last_gram")
+        self.last_gram = None if lg is None else np.asarray(lg, dtype=np.float64)
         self.seconds = float(state.get("seconds", 0.0))
         self.flops = int(state.get("flops", 0))
 
@@ -222,7 +223,7 @@ class Mixer:
         if reason is None:
             self.p = apply_floor(new_p, self.spec.floor)
         gram = getattr(self.strategy, "last_gram", None)
-        self.last_gram = None if gram is None else np.asarray(gram).tolist()
+        self.last_gram = None if gram is None else np.asarray(gram, dtype=np.float64)
         entry = {"round": round_, "step": step, "mixture": self.p.tolist(), "skipped": reason, "counts": counts.tolist()}
         if first.get("sketch_error") is not None:
             entry["sketch_gram_rel_error"] = float(first["sketch_error"])
@@ -255,7 +256,8 @@ class Mixer:
         spec = self.spec
         final = self.records.write_mixture(
             strategy=spec.strategy, domains=spec.domains, p=self.p.tolist(), q=spec.q, lam=spec.lam,
-            floor=spec.floor, options=spec.options, trajectory=self.trajectory, last_gram=self.last_gram)
+            floor=spec.floor, options=spec.options, trajectory=self.trajectory,
+            last_gram=None if self.last_gram is None else self.last_gram.tolist())
         summary = dict(self.summary or {})
         summary.update(extra)
         summary.update({"rounds": self.round, "skipped_rounds": sum(1 for t in self.trajectory if t.get("skipped")),

@@ -53,8 +53,8 @@ class RnB(Strategy):
         return new_p, None
 
     def state_dict(self) -> dict[str, Any]:
-        gram_ = None if self.last_gram is None else self.last_gram.tolist()
-        return {"seen": self.seen.tolist(), "last_gram": gram_}
+        # G as an array (the mixer saves it as a tensor): m × m floats as nested lists cost seconds at m = 1000
+        return {"seen": self.seen.tolist(), "last_gram": self.last_gram}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen = np.asarray(state.get("seen", [False] * self.m), dtype=bool)
