@@ -313,6 +313,9 @@ if os.environ.get("RNB_BENCH_SMOKE"):  # a smoke test of the code path only (tin
     GPT2 |= {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32}
 
 
+ROWHASH_BUCKETS = (1024, 4096)
+
+
 def domains_corpus(root: Path, m: int) -> Path:
     """The sample corpus dealt round-robin (in a seeded random order) into m domains: every domain gets
     ⌊n/m⌋ or ⌈n/m⌉ documents, so 256 domains still have a held-out split."""
@@ -465,6 +468,13 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     cap = DomainGradCapture(modules, K * B)  # one slot per example of a round at most
     exact: dict[int, torch.Tensor] = {}
     sketched = torch.zeros(m, k1 * k2, dtype=torch.float64)
+    # An alternative, measured here only: a count sketch of the head's rows (vocabulary → h buckets with random
+    # signs) and the input side kept exact — h × in numbers per domain. Linear too, so it is what a capture
+    # of that sketch would accumulate.
+    gen = torch.Generator().manual_seed(1)
+    rowhash = {h: (torch.randint(0, h, (out_f,), generator=gen), torch.randint(0, 2, (out_f,), generator=gen) * 2.0 - 1)
+               for h in ROWHASH_BUCKETS}
+    hashed: dict[int, dict[int, torch.Tensor]] = {h: {} for h in ROWHASH_BUCKETS}
     G = np.zeros((m, m))
     p = np.full(m, 1.0 / m)
     per_round = []
@@ -482,25 +492,46 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                 mean = cap.sums[slot[d]] / float(cap.counts[slot[d]])
                 exact[d] = mean.clone()
                 sketched[d] = sketch_matrix(mean.view(out_f, in_f), sk).double()
+                for h, (bucket, sign) in rowhash.items():
+                    acc = torch.zeros(h, in_f)
+                    acc.index_add_(0, bucket, mean.view(out_f, in_f) * sign[:, None])
+                    hashed[h][d] = acc.reshape(-1)
             cap.reset()
             seen = sorted(exact)
-            for d in doms:  # G's rows of the round's domains, as the workers form them
-                for j in seen:
-                    G[d, j] = G[j, d] = float(exact[d].double() @ exact[j].double())
+            ex = torch.stack([exact[j] for j in seen])  # G's rows of the round's domains, as the workers form them
+            rows = (torch.stack([exact[d] for d in doms]) @ ex.T).double().numpy()
+            for a, d in enumerate(doms):
+                G[d, seen] = rows[a]
+                G[seen, d] = rows[a]
+            del ex
             Gs = (sketched @ sketched.T).numpy()
             p_exact, _ = rnb_mixture(G, plan.q, 3.0)
             p_sketch, _ = rnb_mixture(Gs, plan.q, 3.0)
+            alt = {}
+            for h in ROWHASH_BUCKETS:
+                Z = torch.stack([hashed[h][j] for j in seen]).double()
+                Gh = np.zeros((m, m))
+                Gh[np.ix_(seen, seen)] = (Z @ Z.T).numpy()
+                ph, _ = rnb_mixture(Gh, plan.q, 3.0)
+                alt[f"rowhash{h}"] = {"numbers_per_domain": h * in_f, "gram_rel_error": gram_relative_error(G, Gh),
+                                      "mixture_l1": float(np.abs(ph - p_exact).sum())}
             per_round.append({"round": r, "domains_in_round": len(doms), "domains_seen": len(seen),
                               "mixture_l1": float(np.abs(p_sketch - p_exact).sum()),
                               "gram_rel_error": gram_relative_error(G, Gs),
-                              "expected_gram_rel_error": expected_sketch_error(Gs, [(k1, k2)])})
+                              "expected_gram_rel_error": expected_sketch_error(Gs, [(k1, k2)]),
+                              "alternatives": alt})
+            print(f"  alternatives: {alt}", flush=True)
             print(f"  m={m} round {r}: |p_sketch - p_exact|_1 {per_round[-1]['mixture_l1']:.4f}, Gram error "
                   f"{per_round[-1]['gram_rel_error']:.3f} (expected {per_round[-1]['expected_gram_rel_error']:.3f})",
                   flush=True)
             p = p_exact
     finally:
         cap.remove()
-    return {"m": m, "capture": choice.as_dict(), "rounds": per_round,
+    alt_means = {name: {"mean_mixture_l1": float(np.mean([x["alternatives"][name]["mixture_l1"] for x in per_round])),
+                        "mean_gram_rel_error": float(np.mean([x["alternatives"][name]["gram_rel_error"]
+                                                              for x in per_round]))}
+                 for name in per_round[0]["alternatives"]}
+    return {"m": m, "capture": choice.as_dict(), "rounds": per_round, "alternatives": alt_means,
             "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
             "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round]))}
 

@@ -48,7 +48,8 @@ class RoundReducer:
         small = torch.cat([counts.double().cpu(), bad, torch.tensor([float(eval_count)], dtype=torch.float64)])
         small = rt.all_reduce(small.to(dev)).cpu()
         counts_g, ok, eval_n = small[:m].round().long(), small[m:2 * m] == 0, int(small[2 * m])
-        out: dict[str, Any] = {"counts": counts_g.numpy(), "present": ((counts_g > 0) & ok).numpy()}
+        # Plain numpy copies: a view into a torch tensor's storage (with an offset) does not pickle for Ray.
+        out: dict[str, Any] = {"counts": counts_g.numpy().copy(), "present": ((counts_g > 0) & ok).numpy().copy()}
         if multi:
             self.bytes_collective += small.numel() * 8 + sum(
                 t.numel() * t.element_size() for t in (sums, eval_sum) if t is not None)
@@ -69,7 +70,7 @@ class RoundReducer:
         self.estimates.set_rows(rows, vec[:n_block].view(rows.numel(), m))
         out["gram"] = self.estimates.gram.numpy().copy()
         if eshard is not None:
-            out["eval_align"] = vec[n_block:n_block + m].numpy()
+            out["eval_align"] = vec[n_block:n_block + m].numpy().copy()
             out["eval_sq"] = float(vec[n_block + m])
             out["eval_count"] = eval_n
         self.seconds += time.perf_counter() - t0
