@@ -551,12 +551,35 @@ def gpt2_table(res: dict) -> list[dict]:
             rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
                          "value": a["mean_mixture_l1"],
                          "note": f"sketch {a['capture']['sketch_dim']}, Gram error {a['mean_gram_rel_error']:.3f}; "
-                                 "target ≤ 0.01"})
+                                 f"{len(a['rounds'])} rounds; target ≤ 0.01"})
+            for name, alt in a.get("alternatives", {}).items():
+                rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_{name} − p_exact|₁ per round",
+                             "value": alt["mean_mixture_l1"],
+                             "note": f"not the default (measured only); Gram error {alt['mean_gram_rel_error']:.3f}"})
     return rows
+
+
+def gpt2_merge(paths: list[str], out: Path) -> None:
+    """One result file (and README rows) from GPT-2-small runs made in separate processes."""
+    res: dict = {"benchmark": "balance_overhead_gpt2", "merged_from": paths, "pairs": {"runs": {}}, "agreement": []}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        if part.get("pairs"):
+            res["pairs"]["settings"] = part["pairs"].get("settings")
+            res["pairs"]["runs"].update(part["pairs"].get("runs", {}))
+        res["agreement"] += part.get("agreement", [])
+        res.setdefault("machine", part.get("machine"))
+    res["pairs"]["summary"] = gpt2_summary(res["pairs"]["runs"])
+    res["table"] = gpt2_table(res)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["table"], indent=1))
 
 
 def gpt2_main(args) -> None:
     out = Path(args.out)
+    if args.merge:
+        gpt2_merge(args.merge.split(","), out)
+        return
     res: dict = {"benchmark": "balance_overhead_gpt2", "complete": False}
 
     def save(**parts) -> None:
@@ -591,6 +614,7 @@ def main() -> None:
     ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
     ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
     ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
+    ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
     if args.gpt2_small:
         args.out = args.out or "benchmarks/results/balance_overhead_gpt2.json"

@@ -90,6 +90,20 @@ class Runtime(Protocol):
         """A ``metrics.jsonl`` row, for whoever watches this process (e.g. Ray Tune)."""
 
 
+def reduce_scatter_cols(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Over the default process group: sum (m, D) across ranks, keep this rank's ⌈D/W⌉ columns (zero-padded)."""
+    if world == 1:
+        return x
+    m, D = x.shape
+    c = -(-D // world)
+    if c * world != D:
+        x = torch.nn.functional.pad(x, (0, c * world - D))
+    chunks = x.reshape(m, world, c).transpose(0, 1).contiguous()  # rank r's columns contiguous, in rank order
+    out = torch.empty(m * c, dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, chunks.reshape(-1))
+    return out.view(m, c)
+
+
 # ============================================================================ in the calling process
 class LocalMixer:
     """The ``Mixer`` object itself: a round completes as soon as this (only) worker submits it."""
@@ -225,17 +239,7 @@ class RayTrainRuntime:
         return t
 
     def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.world
-        if W == 1:
-            return x
-        m, D = x.shape
-        c = -(-D // W)
-        if c * W != D:
-            x = torch.nn.functional.pad(x, (0, c * W - D))
-        chunks = x.reshape(m, W, c).transpose(0, 1).contiguous()  # rank r's columns contiguous, in rank order
-        out = torch.empty(m * c, dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, chunks.reshape(-1))
-        return out.view(m, c)
+        return reduce_scatter_cols(x, self.world)
 
     def barrier(self) -> None:
         if self.world > 1:
