@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -304,6 +305,302 @@ def table_rows(res: dict) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- GPT-2 small
+# The issue-15 setting: a GPT-2-small shape (12 layers, 768 wide, the 30,522-token BERT head), batch 4 × 128
+# tokens, a round every 5 steps, R&B with its default settings (capture chosen from --capture-budget-mb).
+GPT2 = {"n_layer": 12, "n_embd": 768, "n_head": 12, "batch_size": 4, "seq_len": 128, "update_every": 5}
+if os.environ.get("RNB_BENCH_SMOKE"):  # a smoke test of the code path only (tiny model)
+    GPT2 |= {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32}
+
+
+ROWHASH_BUCKETS = (1024, 4096)
+
+
+def domains_corpus(root: Path, m: int) -> Path:
+    """The sample corpus dealt round-robin (in a seeded random order) into m domains: every domain gets
+    ⌊n/m⌋ or ⌈n/m⌉ documents, so 256 domains still have a held-out split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rnb_ray.sample import write_sample_corpus
+
+    table = pq.read_table(write_sample_corpus(root / "sample.parquet"))
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    dom = np.empty(table.num_rows, dtype=object)
+    dom[order] = [f"d{i % m:03d}" for i in range(table.num_rows)]
+    path = root / f"corpus_{m}.parquet"
+    pq.write_table(table.append_column("domain", pa.array(dom.tolist())), path, row_group_size=256)
+    return path
+
+
+def _local_run(cfg: TrainConfig, conn) -> None:
+    from rnb_ray.balance.trainer import run_training_loop
+
+    conn.send(run_training_loop(cfg))
+    conn.close()
+
+
+def _in_fresh_process(cfg: TrainConfig) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_local_run, args=(cfg, child))
+    proc.start()
+    out = parent.recv()
+    proc.join()
+    return out
+
+
+def eval_fraction(m: int) -> float:
+    """Enough held out that every domain keeps one evaluation document (256 domains: 8–9 documents each)."""
+    return 0.1 if m < 128 else 0.25
+
+
+def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
+    """Interleaved stratified/rnb pairs for each (m, workers): one worker through ``run_training_loop`` (the
+    same ``Trainer`` in this process), more through ``train`` (TorchTrainer + mixer actor). Pair 0 runs A B,
+    pair 1 B A, …, so machine-load drift hits both arms of a pair alike."""
+    import ray
+
+    from rnb_ray.balance.train import train
+    from rnb_ray.ray_env import connect
+
+    if any(W > 1 for _, W in cases):
+        connect(None, num_cpus=2)
+    data = {m: domains_corpus(root, m) for m in sorted({m for m, _ in cases})}
+    out: dict = {"settings": GPT2 | {"steps": args.gpt2_steps, "pairs": args.pairs, "eval_max_per_domain": 1},
+                 "runs": {}}
+    arms = [("stratified", {"strategy": "stratified"}), ("rnb", {"strategy": "rnb"})]
+    for m, W in cases:  # case by case, so a cut-short run has whole cases
+        for rep in range(args.pairs):
+            key = f"m{m}_w{W}"
+            for arm, kw in (arms if rep % 2 == 0 else arms[::-1]):
+                load0 = os.getloadavg()[0]
+                cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
+                                  steps=args.gpt2_steps, eval_every=args.gpt2_steps, log_every=GPT2["update_every"],
+                                  eval_max_per_domain=1, eval_fraction=eval_fraction(m), lr=5e-4, warmup_steps=2,
+                                  capture_budget_mb=args.capture_budget_mb, **GPT2, **kw)
+                if W == 1:  # the same Trainer loop (LocalRuntime, the Mixer as an object) in a fresh process,
+                    # so peak memory is the run's own: no Ray Train start-up (minutes on a loaded 2-core machine)
+                    s = _in_fresh_process(cfg)
+                    mixture = None
+                else:
+                    res = train(cfg)
+                    s, mixture = res.summary, res.mixture
+                rows = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+                rounds = [r for r in rows if r["step"] % GPT2["update_every"] == 0]
+                loop = s["seconds_train"] + s["seconds_capture"] + s.get("seconds_reduce", 0.0) + s["seconds_mixer"]
+                rec = {"rep": rep, "loop_seconds": loop, "seconds_train": s["seconds_train"],
+                       "seconds_capture": s["seconds_capture"], "seconds_reduce": s.get("seconds_reduce", 0.0),
+                       "seconds_mixer": s["seconds_mixer"], "seconds_total": s.get("seconds_total"),
+                       "flops_train": s["flops_train"], "flops_balance": s["flops_balance"],
+                       "peak_rss_mb_per_worker": s.get("peak_rss_mb_per_worker"), "capture": s.get("capture"),
+                       "bytes_to_mixer_per_round": max((r.get("bytes_to_mixer", 0) for r in rounds), default=0),
+                       "bytes_collective_per_round": (rounds[-1].get("bytes_collective", 0) / max(1, len(rounds))
+                                                      if rounds else 0),
+                       "sketch_gram_rel_error": [r.get("sketch_gram_rel_error") for r in rounds],
+                       "mixture": mixture, "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
+                out["runs"].setdefault(key, {}).setdefault(arm, []).append(rec)
+                print(f"  {key} {arm} rep {rep}: loop {loop:.1f}s (train {s['seconds_train']:.1f}, capture "
+                      f"{s['seconds_capture']:.2f}, reduce {rec['seconds_reduce']:.2f}, mixer {s['seconds_mixer']:.2f}),"
+                      f" load {load0:.1f}", flush=True)
+                shutil.rmtree(cfg.output, ignore_errors=True)  # checkpoints of a 124 M model: 1.5 GB a run
+            out["summary"] = gpt2_summary(out["runs"])
+            save(out)
+    if ray.is_initialized():
+        ray.shutdown()
+    return out
+
+
+def gpt2_summary(runs: dict) -> dict:
+    summ = {}
+    for key, arms in runs.items():
+        n = min(len(arms.get("rnb", [])), len(arms.get("stratified", [])))
+        if not n:
+            continue
+        rr, ss = arms["rnb"][:n], arms["stratified"][:n]
+        summ[key] = {
+            "loop_time_ratio": _spread([r["loop_seconds"] / b["loop_seconds"] for r, b in zip(rr, ss, strict=True)]),
+            # the balance work measured inside the rnb run itself (no second run's noise): capture + reduction
+            # + mixer round trip, over the rest of the loop
+            "attributed_overhead": _spread([(r["seconds_capture"] + r["seconds_reduce"] + r["seconds_mixer"])
+                                            / r["seconds_train"] for r in rr]),
+            "seconds_capture": _spread([r["seconds_capture"] for r in rr]),
+            "seconds_reduce": _spread([r["seconds_reduce"] for r in rr]),
+            "seconds_mixer": _spread([r["seconds_mixer"] for r in rr]),
+            "peak_rss_mb_rnb": max(max(r["peak_rss_mb_per_worker"] or [0]) for r in rr),
+            "peak_rss_mb_stratified": max(max(b["peak_rss_mb_per_worker"] or [0]) for b in ss),
+            "bytes_to_mixer_per_round": rr[0]["bytes_to_mixer_per_round"],
+            "bytes_collective_per_round": rr[0]["bytes_collective_per_round"],
+            "capture": rr[0]["capture"],
+            "balance_flops_ratio": float(np.median([r["flops_balance"] / r["flops_train"] for r in rr])),
+        }
+    return summ
+
+
+def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
+    """Per round, p from the default capture (a sketch at this size) vs p from exact capture, on the same
+    batches of one run (in process, 1 worker; batches drawn with the exact p). Sketches are linear, so the
+    sketch of a domain's exact sum is what the sketched capture accumulates; exact sums are held only for the
+    round's domains (slots) and the domains seen so far, so 256 domains fit in memory."""
+    from rnb_ray.balance.capture import layer_shapes
+    from rnb_ray.balance.gram import expected_sketch_error
+    from rnb_ray.balance.sketch import choose_capture, make_layer_sketch, sketch_matrix
+
+    data = domains_corpus(root, m)
+    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m), **GPT2)
+    plan = prepare_plan(cfg)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
+    torch.manual_seed(0)
+    model = model_for(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, SourceReader(plan), buffer=cfg.shuffle_buffer),
+                            seed=cfg.seed * 1009)
+    modules = find_capture_modules(model, "head")
+    (out_f, in_f), = layer_shapes(modules)
+    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20))
+    if not choice.sketch_dim:
+        return {"m": m, "capture": choice.as_dict(), "note": "default is exact: agreement 1 by construction"}
+    sk = make_layer_sketch(out_f, in_f, choice.sketch_dim, seed=cfg.seed * 1_000_003)  # the capture's own
+    k1, k2 = sk.r_out.shape[1], sk.r_in.shape[1]
+    K, B = GPT2["update_every"], GPT2["batch_size"]
+    cap = DomainGradCapture(modules, K * B)  # one slot per example of a round at most
+    exact: dict[int, torch.Tensor] = {}
+    sketched = torch.zeros(m, k1 * k2, dtype=torch.float64)
+    # An alternative, measured here only: a count sketch of the head's rows (vocabulary → h buckets with random
+    # signs) and the input side kept exact — h × in numbers per domain. Linear too, so it is what a capture
+    # of that sketch would accumulate.
+    gen = torch.Generator().manual_seed(1)
+    rowhash = {h: (torch.randint(0, h, (out_f,), generator=gen), torch.randint(0, 2, (out_f,), generator=gen) * 2.0 - 1)
+               for h in ROWHASH_BUCKETS}
+    hashed: dict[int, dict[int, torch.Tensor]] = {h: {} for h in ROWHASH_BUCKETS}
+    G = np.zeros((m, m))
+    p = np.full(m, 1.0 / m)
+    per_round = []
+    try:
+        for r in range(rounds):
+            batches = [next_batch(sampler, p, B, tok, cfg.seq_len, by_domain=True) for _ in range(K)]
+            doms = sorted({int(d) for b in batches for d in b.domains})
+            slot = {d: i for i, d in enumerate(doms)}
+            for b in batches:
+                t0 = time.perf_counter()
+                train_step(model, opt, None, Batch(b.input_ids, b.attention_mask,
+                                                   np.array([slot[int(d)] for d in b.domains])), capture=cap)
+                print(f"    m={m} round {r} step {time.perf_counter() - t0:.1f}s", flush=True)
+            for d in doms:
+                mean = cap.sums[slot[d]] / float(cap.counts[slot[d]])
+                exact[d] = mean.clone()
+                sketched[d] = sketch_matrix(mean.view(out_f, in_f), sk).double()
+                for h, (bucket, sign) in rowhash.items():
+                    acc = torch.zeros(h, in_f)
+                    acc.index_add_(0, bucket, mean.view(out_f, in_f) * sign[:, None])
+                    hashed[h][d] = acc.reshape(-1)
+            cap.reset()
+            seen = sorted(exact)
+            ex = torch.stack([exact[j] for j in seen])  # G's rows of the round's domains, as the workers form them
+            rows = (torch.stack([exact[d] for d in doms]) @ ex.T).double().numpy()
+            for a, d in enumerate(doms):
+                G[d, seen] = rows[a]
+                G[seen, d] = rows[a]
+            del ex
+            Gs = (sketched @ sketched.T).numpy()
+            p_exact, _ = rnb_mixture(G, plan.q, 3.0)
+            p_sketch, _ = rnb_mixture(Gs, plan.q, 3.0)
+            alt = {}
+            for h in ROWHASH_BUCKETS:
+                Z = torch.stack([hashed[h][j] for j in seen]).double()
+                Gh = np.zeros((m, m))
+                Gh[np.ix_(seen, seen)] = (Z @ Z.T).numpy()
+                ph, _ = rnb_mixture(Gh, plan.q, 3.0)
+                alt[f"rowhash{h}"] = {"numbers_per_domain": h * in_f, "gram_rel_error": gram_relative_error(G, Gh),
+                                      "mixture_l1": float(np.abs(ph - p_exact).sum())}
+            per_round.append({"round": r, "domains_in_round": len(doms), "domains_seen": len(seen),
+                              "mixture_l1": float(np.abs(p_sketch - p_exact).sum()),
+                              "gram_rel_error": gram_relative_error(G, Gs),
+                              "expected_gram_rel_error": expected_sketch_error(Gs, [(k1, k2)]),
+                              "alternatives": alt})
+            print(f"  alternatives: {alt}", flush=True)
+            print(f"  m={m} round {r}: |p_sketch - p_exact|_1 {per_round[-1]['mixture_l1']:.4f}, Gram error "
+                  f"{per_round[-1]['gram_rel_error']:.3f} (expected {per_round[-1]['expected_gram_rel_error']:.3f})",
+                  flush=True)
+            p = p_exact
+    finally:
+        cap.remove()
+    alt_means = {name: {"mean_mixture_l1": float(np.mean([x["alternatives"][name]["mixture_l1"] for x in per_round])),
+                        "mean_gram_rel_error": float(np.mean([x["alternatives"][name]["gram_rel_error"]
+                                                              for x in per_round]))}
+                 for name in per_round[0]["alternatives"]}
+    return {"m": m, "capture": choice.as_dict(), "rounds": per_round, "alternatives": alt_means,
+            "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
+            "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round]))}
+
+
+def gpt2_table(res: dict) -> list[dict]:
+    rows = []
+    for key, r in res.get("pairs", {}).get("summary", {}).items():
+        lt, at = r["loop_time_ratio"], r["attributed_overhead"]
+        cap = r["capture"] or {}
+        rows.append({"metric": f"GPT-2 small {key}: rnb loop time / stratified", "ratio": lt["median"],
+                     "note": f"{lt['n']} interleaved pairs ({lt['min']:.3f}–{lt['max']:.3f}); capture/reduce/mixer "
+                             f"inside the rnb run {100 * at['median']:.2f}% of its step time; {cap.get('mode')} "
+                             f"{cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
+                             f"peak RSS {r['peak_rss_mb_rnb']:.0f} vs {r['peak_rss_mb_stratified']:.0f} MB"})
+    for a in res.get("agreement", []):
+        if "mean_mixture_l1" in a:
+            rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
+                         "value": a["mean_mixture_l1"],
+                         "note": f"sketch {a['capture']['sketch_dim']}, Gram error {a['mean_gram_rel_error']:.3f}; "
+                                 f"{len(a['rounds'])} rounds; target ≤ 0.01"})
+            for name, alt in a.get("alternatives", {}).items():
+                rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_{name} − p_exact|₁ per round",
+                             "value": alt["mean_mixture_l1"],
+                             "note": f"not the default (measured only); Gram error {alt['mean_gram_rel_error']:.3f}"})
+    return rows
+
+
+def gpt2_merge(paths: list[str], out: Path) -> None:
+    """One result file (and README rows) from GPT-2-small runs made in separate processes."""
+    res: dict = {"benchmark": "balance_overhead_gpt2", "merged_from": paths, "pairs": {"runs": {}}, "agreement": []}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        if part.get("pairs"):
+            res["pairs"]["settings"] = part["pairs"].get("settings")
+            res["pairs"]["runs"].update(part["pairs"].get("runs", {}))
+        res["agreement"] += part.get("agreement", [])
+        res.setdefault("machine", part.get("machine"))
+    res["pairs"]["summary"] = gpt2_summary(res["pairs"]["runs"])
+    res["table"] = gpt2_table(res)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["table"], indent=1))
+
+
+def gpt2_main(args) -> None:
+    out = Path(args.out)
+    if args.merge:
+        gpt2_merge(args.merge.split(","), out)
+        return
+    res: dict = {"benchmark": "balance_overhead_gpt2", "complete": False}
+
+    def save(**parts) -> None:
+        res.update(parts, machine=machine())
+        res["table"] = gpt2_table(res)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    cases = [(int(m), int(w)) for m, w in (c.split("x") for c in args.cases.split(","))]
+    with tempfile.TemporaryDirectory(prefix="rnb-gpt2-") as tmp:
+        root = Path(tmp)
+        if args.agreement_rounds:
+            agree = []
+            for m in sorted({m for m, _ in cases}):
+                agree.append(gpt2_agreement(root, m, args.agreement_rounds, args.capture_budget_mb))
+                save(agreement=agree)
+        if args.pairs:
+            gpt2_pairs(root, cases, args, lambda part: save(pairs=part))
+    save(complete=True)
+    print(json.dumps(res["table"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small settings for CI/smoke runs (~10 minutes)")
@@ -311,8 +608,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="interleaved static/rnb repetitions through Ray Train")
     ap.add_argument("--sketch-runs", type=int, default=1, help="how many of those pairs also run rnb with a sketch")
-    ap.add_argument("--out", default="benchmarks/results/balance_overhead.json")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--gpt2-small", action="store_true", help="the GPT-2-small-shape study (issue 15) instead")
+    ap.add_argument("--cases", default="15x1,64x1,256x1,15x2,64x2,256x2", help="GPT-2 small: domains x workers")
+    ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
+    ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
+    ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
+    ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
+    if args.gpt2_small:
+        args.out = args.out or "benchmarks/results/balance_overhead_gpt2.json"
+        gpt2_main(args)
+        return
+    args.out = args.out or "benchmarks/results/balance_overhead.json"
     q = args.quick
     args.steps = 40 if q else 200
     args.batch_size = 8 if q else 16

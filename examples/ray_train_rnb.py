@@ -4,11 +4,14 @@ The driver starts the run's mixer actor (``DomainMixer.start``) and a ``TorchTra
 * builds its model (here a tiny GPT-2 from a config, random init, byte-level tokenizer: nothing to download),
 * hooks ``GradientCapture`` on the output head *before* ``prepare_model`` wraps it in DDP,
 * joins the mixer by name (``DomainMixer.join``) and draws its batches from p with ``domain_sampler``,
-* runs an ordinary loop; every K steps it sends its per-domain sums and counts and gets the next p.
+* runs an ordinary loop; every K steps it hands its per-domain sums and counts to ``send_round``, which
+  reduces them among the workers over the DDP process group (the sums never leave the workers; rank 0 sends
+  the mixer the counts and Gram matrix) and returns the next p, the same on every rank.
 At the end the mixer writes ``RUN/mixture.json`` (the trajectory of p) and ``RUN/result.json``; every rank's
 sampler state is in the final checkpoint (``RUN/checkpoints/.../sampler_rank<r>.pt``, with ``mixer.pt`` and
-``model.pt``). To resume, load them (``rnb_ray.api.load_state``) into the sampler (``load_state_dict``) and, on
-rank 0 only, ``mixer.restore(state, step)``; the other ranks then call ``mixer.sync()``.
+``model.pt``; ranks > 0 add ``mixer_rank<r>.pt``, their columns of the domain-gradient estimates). To resume,
+load them (``rnb_ray.api.load_state``) into the sampler (``load_state_dict``) and, on rank 0 only,
+``mixer.restore(state, step)``; the other ranks then call ``mixer.sync(their mixer_rank<r>.pt state)``.
 
 Run it (a local Ray with 2 CPUs is enough)::
 
@@ -77,7 +80,7 @@ def train_func(config: dict[str, Any]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % K == 0:  # a mixing round: every worker's sums and counts in, the same new p out
+        if step % K == 0:  # a mixing round: every worker's sums and counts in (reduced), the same new p out
             sums, counts = capture.take()
             p = mixer.send_round(sums, counts, step=step)
             if rank == 0:
@@ -89,6 +92,8 @@ def train_func(config: dict[str, Any]) -> None:
             torch.save(model.module.state_dict() if hasattr(model, "module") else model.state_dict(),
                        Path(tmp) / "model.pt")
             save_state(Path(tmp) / "mixer.pt", mixer.state_dict())
+        else:
+            save_state(Path(tmp) / f"mixer_rank{rank}.pt", mixer.state_dict())
         ray.train.report({"step": config["steps"], "loss": float(loss)}, checkpoint=Checkpoint.from_directory(tmp))
 
 

@@ -6,7 +6,10 @@ Three pieces, each usable alone, composed the way ``rnb train`` composes them:
   ordinary backward (one GEMM per domain replaces autograd's one weight-gradient GEMM; ``param.grad`` is
   unchanged). Wrap a forward/backward in ``with capture.batch(domains):`` and call ``take()`` at the end of a
   round.
-* ``DomainMixer`` — the mixer client: a round's sums and counts in, the next mixture p out. In process
+* ``DomainMixer`` — the mixer client: a round's sums and counts in, the next mixture p out. The client turns
+  the sums into the few numbers the mixer needs (counts, which domains are present, the Gram matrix of the
+  domain-mean gradients, evaluation terms): in one process directly, and under ``torch.distributed`` with
+  the workers' collectives (the sums never leave the workers; rank 0 sends the terms). In process
   (``DomainMixer.local``) or the run's named Ray actor (``DomainMixer.start`` on the driver,
   ``DomainMixer.join`` in each worker). It records the trajectory of p in ``RUN/mixture.json``.
 * ``domain_sampler`` — the checkpointable domain sampler over any per-domain indexable datasets (lists,
@@ -59,7 +62,8 @@ from rnb_ray.balance.lm import grad_token_mask
 from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer
 from rnb_ray.balance.mixer import load_state as _load_state
 from rnb_ray.balance.mixer import save_state as _save_state
-from rnb_ray.balance.runtime import ActorMixer, LocalMixer
+from rnb_ray.balance.round_reduce import RoundReducer
+from rnb_ray.balance.runtime import ActorMixer, LocalMixer, reduce_scatter_cols
 from rnb_ray.balance.sampler import DomainSampler, DomainStream
 from rnb_ray.errors import RnbError
 
@@ -250,13 +254,46 @@ def _check_fresh(run_dir: str | Path, resume: bool) -> None:
                        fix="choose a new run directory, or pass resume=True to continue that run")
 
 
+class _Collectives:
+    """The part of the trainer's ``Runtime`` that ``RoundReducer`` uses, over ``torch.distributed`` when it is
+    initialised with more than one process (the user's own process group, e.g. Ray Train's), else no-ops."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
+        nccl = multi and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            self._dist.all_reduce(t)
+        return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._dist.all_gather_object(out, obj)
+        return out
+
+
 class DomainMixer:
     """The mixer client: send a round's per-domain sums and counts, get the next mixture p.
 
     Construct it with ``DomainMixer.local`` (in process, no Ray), ``DomainMixer.start`` (the driver starts
     the run's named Ray actor, or joins it if it runs) or ``DomainMixer.join`` (a worker joins it by name).
     Every worker of a round calls ``send_round`` with its own sums and counts; the round completes when the
-    ``num_workers``-th arrives, and every caller gets the same p. The mixer writes
+    ``num_workers``-th arrives, and every caller gets the same p. The sums stay with the client: it keeps each
+    domain's latest mean gradient (a domain absent from a round keeps its last one) and sends the mixer the
+    counts, the domains present and their Gram matrix (with ``torch.distributed`` initialised over several
+    processes, reduced among them with the trainer's own collectives; rank 0 sends these terms, every rank its
+    evaluation-loss shares). The mixer writes
     ``RUN/mixer/state.pt`` after every round, ``RUN/metrics.jsonl`` rows sent with ``log`` and, on
     ``finish()``, ``RUN/mixture.json`` (the trajectory of p) and ``RUN/result.json``.
 
@@ -281,6 +318,8 @@ class DomainMixer:
             domains = self._client.call("state_dict")["spec"]["domains"]
         self._domains: list[str] = [str(d) for d in domains]
         self.last_skipped: str | None = None  # why the last round's update was skipped (None: applied)
+        self._reducer: RoundReducer | None = None  # this client's domain estimates (made at the first round)
+        self._estimates: dict[str, Any] | None = None  # restored estimates, loaded into the reducer when made
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -343,21 +382,49 @@ class DomainMixer:
 
     def send_round(self, sums: np.ndarray | None, counts: np.ndarray, *, step: int, **extra: Any) -> np.ndarray:
         """This worker's share of a round: per-domain gradient sums (m, D) and example counts (m,) since the
-        last round (``GradientCapture.take()``), plus whatever else the strategy needs (``eval_grad`` and
-        ``eval_count``, ``eval_loss_sums`` and ``eval_loss_counts``). Waits for every worker's share; returns
-        the next p (unchanged when the strategy skipped the round: ``last_skipped`` says why)."""
+        last round (``GradientCapture.take()``), plus whatever else the strategy needs (``eval_grad`` — the
+        evaluation examples' summed gradient (D,) — and ``eval_count``, ``eval_loss_sums`` and
+        ``eval_loss_counts``). The sums and evaluation gradient are reduced here into counts, present domains,
+        Gram matrix and evaluation terms (across the ``torch.distributed`` workers when there are several:
+        every worker must call this at the same round). Waits for every worker's share; returns the next p
+        (unchanged when the strategy skipped the round: ``last_skipped`` says why)."""
+        m = len(self._domains)
         counts = np.asarray(counts, dtype=np.int64)
-        if counts.shape != (len(self._domains),):
-            raise RnbError(f"counts has shape {counts.shape} for {len(self._domains)} domains",
+        if counts.shape != (m,):
+            raise RnbError(f"counts has shape {counts.shape} for {m} domains",
                            where="DomainMixer.send_round", fix="send the (m,) counts from GradientCapture.take()")
-        payload: dict[str, Any] = {"counts": counts, **extra}
-        if sums is not None:
-            payload["sums"] = np.asarray(sums, dtype=np.float32)
+        if sums is not None and (np.ndim(sums) != 2 or np.shape(sums)[0] != m):
+            raise RnbError(f"sums has shape {np.shape(sums)} for {m} domains", where="DomainMixer.send_round",
+                           fix="send the (m, D) sums from GradientCapture.take()")
+        eval_grad = extra.pop("eval_grad", None)
+        eval_count = int(extra.pop("eval_count", 0) or 0)
+        payload: dict[str, Any] = {**extra, **self._terms(sums, counts, eval_grad, eval_count)}
         answer = self._client.submit(self.rank, self._round, int(step), payload).result()
         self._round += 1
         self._p = np.asarray(answer["mixture"], dtype=np.float64)
         self.last_skipped = answer.get("skipped")
         return self.mixture
+
+    def _terms(self, sums: np.ndarray | None, counts: np.ndarray, eval_grad: np.ndarray | None,
+               eval_count: int) -> dict[str, Any]:
+        """What the mixer reads of a round: counts, present, G (and eval_align, eval_sq, eval_count), from
+        ``RoundReducer`` — in one process its collectives are no-ops and it is ``gram_terms.DomainEstimates``
+        on the whole vectors; with several workers the same reduction ``rnb train``'s workers run."""
+        dim = int(np.shape(sums)[1]) if sums is not None else int(np.size(eval_grad)) if eval_grad is not None else 0
+        if self._reducer is None or (dim and self._reducer.dim != dim):
+            self._reducer = RoundReducer(_Collectives(), len(self._domains), dim)  # type: ignore[arg-type]
+            if self._estimates is not None:
+                self._reducer.estimates.load_state_dict(self._estimates)
+                self._estimates = None
+        red = self._reducer
+        dev = red.rt.device
+        t_sums = torch.as_tensor(np.asarray(sums, dtype=np.float32)).to(dev) if sums is not None else None
+        t_eval = (torch.as_tensor(np.asarray(eval_grad, dtype=np.float32)).reshape(-1).to(dev)
+                  if eval_grad is not None else None)
+        terms = red.reduce(t_sums, torch.as_tensor(counts), t_eval, eval_count)
+        if red.rt.rank != 0:  # every worker holds the same terms; the mixer reads rank 0's
+            return {"counts": terms["counts"]}
+        return terms
 
     # ---------------------------------------------------------------- records and state
     def log(self, row: dict[str, Any]) -> None:
@@ -369,20 +436,34 @@ class DomainMixer:
         return list(self._client.call("state_dict")["trajectory"])
 
     def state_dict(self) -> dict[str, Any]:
-        """The mixer's state, to keep in your checkpoint (p, the round, the trajectory, the strategy's state)."""
-        return self._client.call("state_dict")
+        """The mixer's state, to keep in your checkpoint (p, the round, the trajectory, the strategy's state),
+        with this client's domain-gradient estimates under ``"client_estimates"`` (with several workers, this
+        worker's columns of them: keep every rank's)."""
+        state = dict(self._client.call("state_dict"))
+        if self._reducer is not None:
+            state["client_estimates"] = self._reducer.estimates.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any] | None, step: int) -> None:
         """Continue from a checkpoint taken at ``step`` (call once, on one worker, before the next round):
-        the trajectory and ``metrics.jsonl`` are cut back to it. ``None`` starts the mixer afresh."""
+        the trajectory and ``metrics.jsonl`` are cut back to it. ``None`` starts the mixer afresh. This
+        client's domain-gradient estimates come back from the state too (other workers: ``sync(state)``)."""
+        state = None if state is None else dict(state)
+        self._load_estimates(None if state is None else state.pop("client_estimates", None))
         current = self._client.call("restore", state, int(step))
         self._round, self._p = int(current["round"]), np.asarray(current["mixture"], dtype=np.float64)
 
-    def sync(self) -> np.ndarray:
-        """Read the mixer's current round and p again (a worker after another one called ``restore``)."""
+    def sync(self, state: dict[str, Any] | None = None) -> np.ndarray:
+        """Read the mixer's current round and p again (a worker after another one called ``restore``);
+        ``state``: this worker's own ``state_dict()`` from the checkpoint, for its domain-gradient estimates."""
+        if state is not None:
+            self._load_estimates(state.get("client_estimates"))
         current = self._client.call("current")
         self._round, self._p = int(current["round"]), np.asarray(current["mixture"], dtype=np.float64)
         return self.mixture
+
+    def _load_estimates(self, est: dict[str, Any] | None) -> None:
+        self._reducer, self._estimates = None, est  # loaded when the next round makes the reducer
 
     def finish(self, **summary: Any) -> dict[str, Any]:
         """Write ``RUN/mixture.json`` (final p, trajectory, last Gram matrix) and ``RUN/result.json``

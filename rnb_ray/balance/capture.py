@@ -81,6 +81,15 @@ def _last_block(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def layer_shapes(modules: dict[str, nn.Module]) -> list[tuple[int, int]]:
+    """(out_features, in_features) of each captured layer (Conv1D stores its weight transposed)."""
+    out = []
+    for mod in modules.values():
+        w = mod.weight
+        out.append((w.shape[1], w.shape[0]) if _is_conv1d(mod) else (w.shape[0], w.shape[1]))
+    return out
+
+
 def find_capture_modules(model: nn.Module, spec: str) -> dict[str, nn.Module]:
     """Resolve ``capture`` (head | last_block | head+last_block | comma-separated module names)."""
     model_ = _unwrap(model)
@@ -363,6 +372,13 @@ class DomainGradCapture:
         self.sums.zero_()
         self.counts.zero_()
         return sums, counts
+
+    def reset(self) -> None:
+        """Start the next round (after the round's reduction has read ``sums``/``eval_sum`` in place)."""
+        self.sums.zero_()
+        self.counts.zero_()
+        self.eval_sum.zero_()
+        self.eval_count = 0
 
     def take_eval(self) -> tuple[np.ndarray, int]:
         out, n = self.eval_sum.cpu().numpy().copy(), self.eval_count

@@ -6,9 +6,10 @@ for in-process runs) with four files, each written with ``torch.save`` and read 
 
 * ``model.pt``     the model's ``state_dict`` (the unwrapped model, not DDP's wrapper)
 * ``optimizer.pt`` the optimizer's ``state_dict``
-* ``trainer.pt``   ``{"step", "world", "p", "pending_round", "scheduler", "samplers", "torch_rng", "totals"}``:
-  the step reached, the number of workers, the mixture in use, the stale round not applied yet (or None),
-  the learning-rate scheduler's state, and per rank the sampler state, torch RNG state and counters
+* ``trainer.pt``   ``{"step", "world", "p", "pending_round", "scheduler", "samplers", "torch_rng", "totals",
+  "estimates"}``: the step reached, the number of workers, the mixture in use, the stale round not applied yet
+  (or None), the learning-rate scheduler's state, and per rank the sampler state, torch RNG state, counters
+  and its columns of the domains' gradient estimates with their Gram matrix (``gram_terms.DomainEstimates``)
 * ``mixer.pt``     the mixer's state (``mixer.save_state``)
 
 Where checkpoints live and how they are published (Ray Train's report, or a local copy) is the runtime's
@@ -41,6 +42,7 @@ class WorkerState:
     sampler: dict[str, Any]
     rng: torch.Tensor
     totals: dict[str, float]
+    estimates: dict[str, Any] | None = None  # this rank's columns of the domain estimates (gram_terms)
 
 
 @dataclass
@@ -62,7 +64,8 @@ def save(d: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     torch.save(optimizer.state_dict(), d / OPTIMIZER)
     trainer = {"step": step, "world": len(workers), "p": list(map(float, p)), "pending_round": pending_round,
                "scheduler": scheduler.state_dict(), "samplers": [w.sampler for w in workers],
-               "torch_rng": [w.rng for w in workers], "totals": [w.totals for w in workers]}
+               "torch_rng": [w.rng for w in workers], "totals": [w.totals for w in workers],
+               "estimates": [w.estimates for w in workers]}
     torch.save(trainer, d / TRAINER)
     save_state(d / MIXER, mixer_state)
 
@@ -76,7 +79,9 @@ def load(d: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: i
                        where=str(d), fix=f"resume with --workers {state['world']}")
     model.load_state_dict(torch.load(d / MODEL, map_location=device, weights_only=True))
     optimizer.load_state_dict(torch.load(d / OPTIMIZER, map_location=device, weights_only=True))
-    worker = WorkerState(sampler=state["samplers"][rank], rng=state["torch_rng"][rank], totals=state["totals"][rank])
+    estimates = state.get("estimates") or [None] * world
+    worker = WorkerState(sampler=state["samplers"][rank], rng=state["torch_rng"][rank], totals=state["totals"][rank],
+                         estimates=estimates[rank])
     return Restored(step=state["step"], p=np.asarray(state["p"]), pending_round=state["pending_round"],
                     scheduler=state["scheduler"], worker=worker, mixer=load_state(d / MIXER))
 

@@ -67,7 +67,11 @@ class TrainConfig:
     n_head: int = field(default=2, metadata={"help": "tiny model: attention heads"})
     n_embd: int = field(default=64, metadata={"help": "tiny model: hidden size"})
     capture: str = field(default="head", metadata={"help": "parameter subset for per-domain gradients: head, last_block, head+last_block, or module names (comma-separated)"})
-    sketch_dim: int = field(default=0, metadata={"help": "random-projection sketch size per captured layer (0: exact gradients)"})
+    sketch_dim: int = field(default=-1, metadata={"help": "random-projection sketch size per captured layer (-1: "
+                                                  "chosen from --capture-budget-mb; 0: exact gradients)"})
+    capture_budget_mb: float = field(default=4096.0, metadata={"help": "per-worker memory for a round's per-domain "
+                                     "gradients (sums + this worker's share of the estimates, float32): exact capture "
+                                     "when it fits, else the largest sketch (≤ 4096) that does"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (a multiple of update_every; 0: only at the end)"})
     max_failures: int = field(default=0, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
     round_timeout_s: float = field(default=300.0, metadata={"help": "seconds a worker waits for a mixing round before failing"})
@@ -148,7 +152,11 @@ class TrainConfig:
         if self.stop_after and (self.stop_after % self.update_every or self.stop_after >= self.steps):
             raise bad("stop_after", f"({self.stop_after}) must be a multiple of update_every ({self.update_every}) "
                       f"and below steps ({self.steps})", "pick a round boundary before the end, or 0")
-        for name in ("warmup_steps", "stop_after", "checkpoint_every", "max_failures", "sketch_dim", "debug_dump_rounds"):
+        if self.sketch_dim < -1:
+            raise bad("sketch_dim", f"is {self.sketch_dim}", "use -1 (automatic), 0 (exact) or a positive size")
+        if not self.capture_budget_mb > 0:
+            raise bad("capture_budget_mb", f"is {self.capture_budget_mb}", "use a positive number of MB")
+        for name in ("warmup_steps", "stop_after", "checkpoint_every", "max_failures", "debug_dump_rounds"):
             if getattr(self, name) < 0:
                 raise bad(name, f"is {getattr(self, name)}", f"use {name} >= 0")
         if self.checkpoint_every and self.checkpoint_every % self.update_every:

@@ -81,3 +81,35 @@ def domain_means(sums: np.ndarray, counts: np.ndarray, *, out: np.ndarray | None
         else:
             out[i] = np.nan
     return out
+
+
+def gram_terms_dense(means: np.ndarray, previous: np.ndarray | None = None,
+                     eval_grad: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The same terms from full vectors in one process (float64 numpy): the reference the sharded path must
+    equal. ``means`` (m, D): this round's domain means, NaN rows for absent or non-finite domains;
+    ``previous`` (m, D): the estimates before the round (zeros at the start). Returns the new estimates too."""
+    means = np.asarray(means, dtype=np.float64)
+    est = np.zeros_like(means) if previous is None else np.array(previous, dtype=np.float64)
+    present = np.all(np.isfinite(means), axis=1)
+    est[present] = means[present]
+    out = {"gram": est @ est.T, "present": present, "est": est}
+    if eval_grad is not None:
+        e = np.asarray(eval_grad, dtype=np.float64)
+        out["eval_align"], out["eval_sq"] = est @ e, float(e @ e)
+    return out
+
+
+def expected_sketch_error(gram: np.ndarray, shapes: list[tuple[int, int]]) -> float | None:
+    """Expected ‖G̃ − G‖_F / ‖G‖_F of a Kronecker Gaussian sketch with k₁ × k₂ per layer (``shapes``).
+
+    For a Gaussian projection to k dimensions Var(G̃_ij) = (G_ij² + G_ii G_jj)/k, so
+    E‖G̃ − G‖²_F / ‖G‖²_F = (1 + (tr G)²/‖G‖²_F)/k. A Kronecker sketch R₂ ⊗ R₁ is no better than its worse
+    side on low-rank gradients ((1 + 2/k₁)(1 + 2/k₂) − 1 for a rank-one matrix), so k is taken as
+    1/(1/k₁ + 1/k₂ + 1/(k₁k₂)) of the smallest layer — a conservative plug-in estimate on the sketched G
+    (the benchmark measures the actual error against exact capture). None when G is zero."""
+    G = np.asarray(gram, dtype=np.float64)
+    fro2 = float((G * G).sum())
+    if not shapes or fro2 == 0.0 or not np.isfinite(fro2):
+        return None
+    k = min(1.0 / (1.0 / k1 + 1.0 / k2 + 1.0 / (k1 * k2)) for k1, k2 in shapes)
+    return float(np.sqrt((1.0 + float(np.trace(G)) ** 2 / fro2) / k))

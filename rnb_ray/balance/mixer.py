@@ -1,11 +1,12 @@
 """The mixer: one named Ray actor per run that turns the workers' per-domain statistics into the next p.
 
 Each round (every K = ``update_every`` steps) every worker calls ``submit(rank, round, step, payload)``
-with its *local* per-domain gradient sums and example counts (plus the evaluation gradient / losses when
-the strategy asks for them). When the last worker's contribution arrives the mixer adds them across
-workers, divides by the counts (domain-mean gradients), calls the strategy (R&B: G = ḡḡᵀ, p ←
-softmax(λ·Gq/‖Gq‖)), applies the floor, records the round, persists its state, and answers every waiting
-worker with the same new p.
+with the round's terms, already reduced among the workers with their own collectives
+(``balance/round_reduce.py``): rank 0 sends the example counts, which domains are present, the Gram matrix G
+over the domains' mean-gradient estimates and, when the strategy asks, the evaluation alignments ḡ_iᵀg_e;
+every rank sends its share of the evaluation losses — kilobytes, never the gradients. When the
+last worker's contribution arrives the mixer calls the strategy (R&B: p ← softmax(λ·Gq/‖Gq‖)), applies the
+floor, records the round, persists its state, and answers every waiting worker with the same new p.
 
 Fault tolerance:
 * The actor is created with ``max_restarts`` and ``max_task_retries=-1``. After every round it writes its
@@ -28,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import numpy as np
 
 from rnb_ray import atomic
 from rnb_ray.balance import strategies
-from rnb_ray.balance.gram import apply_floor, domain_means
+from rnb_ray.balance.gram import apply_floor
 from rnb_ray.balance.records import RunRecords
 from rnb_ray.balance.strategies import RoundStats, Strategy
 from rnb_ray.balance.tracking import Tracking
@@ -63,19 +63,6 @@ class MixerSpec:
 def build_strategy(spec: MixerSpec) -> Strategy:
     """Construct the run's strategy; an unknown name or bad options become an RnbError."""
     return strategies.build(spec.strategy, len(spec.domains), sizes=spec.sizes, q=spec.q, options=spec.options)
-
-
-def _add_up(arrays: Iterable[Any]) -> np.ndarray:
-    """Sum workers' float32 arrays into one float64 array in place. ``np.sum`` of a list would stack a
-    float64 copy of every part first — 2 s a round for 40 domains × a 4096×128 head, 30× this."""
-    total: np.ndarray | None = None
-    for a in arrays:
-        if total is None:
-            total = np.array(a, dtype=np.float64)
-        else:
-            total += a
-    assert total is not None
-    return total
 
 
 def _tensors(obj: Any) -> Any:
@@ -144,7 +131,7 @@ class Mixer:
         self.p = apply_floor(self.strategy.initial(), self.spec.floor)
         self.round = 0  # the next round to complete
         self.trajectory: list[dict[str, Any]] = [{"round": -1, "step": 0, "mixture": self.p.tolist(), "skipped": None}]
-        self.last_gram: list[list[float]] | None = None
+        self.last_gram: np.ndarray | None = None  # an array (saved as a tensor): m × m floats as lists are slow
         self.seconds = 0.0  # time spent aggregating and updating
         self.flops = 0
 
@@ -159,7 +146,8 @@ class Mixer:
         self.p = np.asarray(state["p"], dtype=np.float64)
         self.round = int(state["round"])
         self.trajectory = list(state["trajectory"])
-        self.last_gram = state.get("last_gram")
+        lg = state.get("last_gram")
+        self.last_gram = None if lg is None else np.asarray(lg, dtype=np.float64)
         self.seconds = float(state.get("seconds", 0.0))
         self.flops = int(state.get("flops", 0))
 
@@ -221,23 +209,22 @@ class Mixer:
     def _complete(self, round_: int, step: int) -> None:
         t0 = time.perf_counter()
         parts = [self._pending[round_][r] for r in sorted(self._pending[round_])]
-        counts = np.sum([pt["counts"] for pt in parts], axis=0).astype(np.int64)
-        grads = eval_grad = eval_losses = None
-        if parts[0].get("sums") is not None:
-            sums = _add_up(pt["sums"] for pt in parts)
-            grads = domain_means(sums, counts, out=sums)
-            self.flops += sums.size * (len(parts) + 1) + 2 * self.m * self.m * sums.shape[1]
-        if parts[0].get("eval_grad") is not None:
-            n = sum(int(pt["eval_count"]) for pt in parts)
-            eval_grad = _add_up(pt["eval_grad"] for pt in parts) / max(n, 1)
-        if parts[0].get("eval_loss_sums") is not None:
+        # The workers reduced the gradients among themselves: rank 0's part holds the global counts and
+        # terms (the other ranks send only their shares of the evaluation losses, which add up).
+        first = self._pending[round_][min(self._pending[round_])]
+        counts = np.asarray(first["counts"]).astype(np.int64)
+        eval_losses = None
+        if first.get("eval_loss_sums") is not None:
             s = np.sum([pt["eval_loss_sums"] for pt in parts], axis=0)
             c = np.sum([pt["eval_loss_counts"] for pt in parts], axis=0)
             eval_losses = np.where(c > 0, s / np.maximum(c, 1), np.nan)
-        stats = RoundStats(round=round_, counts=counts, grads=grads, eval_grad=eval_grad, eval_losses=eval_losses,
-                           extra={"step": step})
+        gram = first.get("gram")
+        if gram is not None:
+            self.flops += 2 * self.m * self.m  # G q and its norm
+        stats = RoundStats(round=round_, counts=counts, gram=None if gram is None else np.asarray(gram),
+                           present=first.get("present"), eval_align=first.get("eval_align"),
+                           eval_sq=first.get("eval_sq"), eval_losses=eval_losses, extra={"step": step})
         dump = round_ < self.spec.debug_dump_rounds
-        dumped_grads = grads.copy() if dump and grads is not None else np.zeros((0,))  # update may fill rows
         try:
             new_p, reason = self.strategy.update(self.p.copy(), stats)
         except FloatingPointError as e:  # a strategy may raise on degenerate numbers: skip, do not crash
@@ -248,11 +235,14 @@ class Mixer:
         if reason is None:
             self.p = apply_floor(new_p, self.spec.floor)
         gram = getattr(self.strategy, "last_gram", None)
-        self.last_gram = None if gram is None else np.asarray(gram).tolist()
-        self.trajectory.append({"round": round_, "step": step, "mixture": self.p.tolist(), "skipped": reason,
-                                "counts": counts.tolist()})
+        self.last_gram = None if gram is None else np.asarray(gram, dtype=np.float64)
+        entry = {"round": round_, "step": step, "mixture": self.p.tolist(), "skipped": reason, "counts": counts.tolist()}
+        if first.get("sketch_error") is not None:
+            entry["sketch_gram_rel_error"] = float(first["sketch_error"])
+        self.trajectory.append(entry)
         if dump:
-            np.savez(self.dir / f"round_{round_:04d}.npz", counts=counts, grads=dumped_grads, mixture=self.p)
+            np.savez(self.dir / f"round_{round_:04d}.npz", counts=counts,
+                     gram=np.zeros((0,)) if gram is None else np.asarray(gram), mixture=self.p)
         self.round = round_ + 1
         del self._pending[round_]
         self._events.pop(round_, None)
@@ -282,7 +272,8 @@ class Mixer:
         spec = self.spec
         final = self.records.write_mixture(
             strategy=spec.strategy, domains=spec.domains, p=self.p.tolist(), q=spec.q, lam=spec.lam,
-            floor=spec.floor, options=spec.options, trajectory=self.trajectory, last_gram=self.last_gram)
+            floor=spec.floor, options=spec.options, trajectory=self.trajectory,
+            last_gram=None if self.last_gram is None else self.last_gram.tolist())
         summary = dict(self.summary or {})
         summary.update(extra)
         summary.update({"rounds": self.round, "skipped_rounds": sum(1 for t in self.trajectory if t.get("skipped")),

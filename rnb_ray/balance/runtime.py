@@ -69,6 +69,9 @@ class Runtime(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over workers (in place)."""
 
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum (m, D) over workers and keep this rank's ⌈D/W⌉ columns (rank r: columns r·c …, zero-padded)."""
+
     def barrier(self) -> None: ...
 
     def gather(self, obj: Any) -> list[Any]:
@@ -85,6 +88,20 @@ class Runtime(Protocol):
 
     def report(self, row: dict[str, Any]) -> None:
         """A ``metrics.jsonl`` row, for whoever watches this process (e.g. Ray Tune)."""
+
+
+def reduce_scatter_cols(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Over the default process group: sum (m, D) across ranks, keep this rank's ⌈D/W⌉ columns (zero-padded)."""
+    if world == 1:
+        return x
+    m, D = x.shape
+    c = -(-D // world)
+    if c * world != D:
+        x = torch.nn.functional.pad(x, (0, c * world - D))
+    chunks = x.reshape(m, world, c).transpose(0, 1).contiguous()  # rank r's columns contiguous, in rank order
+    out = torch.empty(m * c, dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, chunks.reshape(-1))
+    return out.view(m, c)
 
 
 # ============================================================================ in the calling process
@@ -125,6 +142,9 @@ class LocalRuntime:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def barrier(self) -> None:
         pass
@@ -217,6 +237,9 @@ class RayTrainRuntime:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world)
 
     def barrier(self) -> None:
         if self.world > 1:

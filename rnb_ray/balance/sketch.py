@@ -71,3 +71,54 @@ def gram_relative_error(exact: np.ndarray, approx: np.ndarray) -> float:
     """‖G̃ − G‖_F / ‖G‖_F."""
     exact = np.asarray(exact, dtype=np.float64)
     return float(np.linalg.norm(np.asarray(approx, dtype=np.float64) - exact) / np.linalg.norm(exact))
+
+
+# Largest sketch the automatic choice picks: the projections cost 2·tokens·(out·k₁ + in·k₂) a step, which
+# grows with √k (at a 30,522 × 768 head, k = 4096 is ≈ 0.5 % of a 124 M model's training FLOPs).
+AUTO_MAX_SKETCH = 4096
+AUTO_MIN_SKETCH = 256
+
+
+@dataclass(frozen=True)
+class CaptureChoice:
+    """Exact or sketched capture, and why (recorded in ``result.json`` as ``capture``)."""
+
+    sketch_dim: int  # 0: exact
+    numbers_per_domain: int
+    bytes_per_worker: int  # per-domain sums + this worker's share of the estimates, float32
+    budget_bytes: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"mode": "sketch" if self.sketch_dim else "exact", "sketch_dim": self.sketch_dim,
+                "numbers_per_domain": self.numbers_per_domain, "bytes_per_worker": self.bytes_per_worker,
+                "budget_mb": self.budget_bytes / 2**20, "reason": self.reason}
+
+
+def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_bytes: int,
+                   requested: int = -1) -> CaptureChoice:
+    """Exact capture when the per-domain state fits the budget, else the largest power-of-two sketch that
+    fits (at most ``AUTO_MAX_SKETCH``); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
+
+    A worker holds the m × D sums it accumulates over a round and its 1/W of the m × D estimates (the
+    reduce-scatter's output), both float32: 4·m·D·(1 + 1/W) bytes; the collectives move about that much too."""
+    per = 1.0 + 1.0 / world
+
+    def nbytes(d: int) -> int:
+        return int(4 * m * d * per)
+
+    exact = sum(o * i for o, i in shapes)
+    if requested == 0:
+        return CaptureChoice(0, exact, nbytes(exact), budget_bytes, "--sketch-dim 0: exact")
+    if requested > 0:
+        d = sum(sketch_shape(o, i, requested)[0] * sketch_shape(o, i, requested)[1] for o, i in shapes)
+        return CaptureChoice(requested, d, nbytes(d), budget_bytes, f"--sketch-dim {requested}")
+    if nbytes(exact) <= budget_bytes:
+        return CaptureChoice(0, exact, nbytes(exact), budget_bytes,
+                             f"exact sums ({nbytes(exact) / 2**20:.1f} MB) fit the budget")
+    k = AUTO_MAX_SKETCH
+    while k > AUTO_MIN_SKETCH and nbytes(k * len(shapes)) > budget_bytes:
+        k //= 2
+    d = sum(sketch_shape(o, i, k)[0] * sketch_shape(o, i, k)[1] for o, i in shapes)
+    return CaptureChoice(k, d, nbytes(d), budget_bytes,
+                         f"exact sums ({nbytes(exact) / 2**20:.0f} MB) exceed the budget: sketch {k}")

@@ -3,7 +3,8 @@
 Per step: draw each example's domain from p (``DomainSampler``), then ``step.train_step`` — forward,
 backward (the captured layers' weight gradients are formed one GEMM per domain inside the ordinary backward
 and added to per-domain sums: ``DomainGradCapture``), optimizer. Every K = ``update_every`` steps a round
-ends: the worker sends its sums and counts to the mixer, which answers with the next p (with ``stale`` the
+ends: the workers reduce their sums among themselves and form the Gram matrix (``RoundReducer``), then each
+sends the mixer the round's small terms (counts, G, evaluation terms), and the mixer answers with the next p (with ``stale`` the
 answer is applied one round later, so the mixer is never waited for). Only strategies that ask for it get
 the extra evaluation passes (``Needs``); their cost is accounted in ``extra_flops``/``extra_seconds``.
 Rank 0 sends a ``metrics.jsonl`` row to the mixer at every round, evaluation and ``log_every`` step.
@@ -27,14 +28,17 @@ import numpy as np
 import torch
 
 from rnb_ray.balance import checkpoint
-from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
+from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, layer_shapes
 from rnb_ray.balance.config import TrainConfig
+from rnb_ray.balance.gram import expected_sketch_error
 from rnb_ray.balance.lm import load_tokenizer, matmul_params, model_for
 from rnb_ray.balance.mixer import Mixer
 from rnb_ray.balance.plan import Plan, SourceReader, worker_eval_set, worker_streams
+from rnb_ray.balance.round_reduce import RoundReducer
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
+from rnb_ray.balance.sketch import CaptureChoice, choose_capture, sketch_shape
 from rnb_ray.balance.step import (
     Batch,
     dump_batch,
@@ -57,6 +61,7 @@ class Totals:
     seconds_train: float = 0.0
     seconds_capture: float = 0.0
     seconds_mixer: float = 0.0
+    seconds_reduce: float = 0.0
     extra_seconds: float = 0.0
     tokens: float = 0.0  # non-padding tokens
     tokens_padded: float = 0.0  # tokens processed
@@ -74,7 +79,9 @@ class Trainer:
         self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
         model = model_for(cfg, self.tok)
         self.n_params = matmul_params(model)
+        self.choice: CaptureChoice | None = None
         self.capture = self._capture(model) if self.needs.capture else None
+        self.reducer = RoundReducer(rt, plan.m, self.capture.dim) if self.capture is not None else None
         self.train_capture = self.capture if self.needs.train_grads else None  # capture during training steps
         self.model = rt.prepare_model(model)
         self.raw_model = getattr(self.model, "module", self.model)
@@ -98,6 +105,7 @@ class Trainer:
         self.loss_sum, self.loss_n = 0.0, 0
         self.last_eval: tuple[float, dict[str, float]] | None = None
         self.last_row: dict[str, Any] | None = None
+        self.round_terms: dict[str, Any] = {}  # the last round's sketch error and bytes sent (metrics)
 
     def _capture(self, model: torch.nn.Module) -> DomainGradCapture:
         cfg, m = self.cfg, self.plan.m
@@ -106,15 +114,13 @@ class Trainer:
         except ValueError as e:
             raise RnbError(f"bad --capture {cfg.capture!r}: {e}", where="--capture",
                            fix="use head, last_block, head+last_block or linear module names") from e
-        capture = DomainGradCapture(modules, m, sketch_dim=cfg.sketch_dim, seed=cfg.seed, device=self.rt.device)
-        mb = 4 * m * capture.dim / 2**20
-        if self.rt.rank == 0 and self.needs.train_grads and mb > 64:
-            # Measured on fortunes (40 domains, 4096x128 head): exact sums cost 28% of train time in the
-            # round trip, a 4096-d sketch 4.6% with the same held-out loss (benchmarks/fidelity_investigate.py).
-            log.warning("each worker sends %.0f MB of per-domain gradient sums per round (%d domains x %d "
-                        "numbers); --sketch-dim 4096 cuts that to %.1f MB", mb, m, capture.dim,
-                        4 * m * 4096 * len(modules) / 2**20)
-        return capture
+        shapes = layer_shapes(modules)
+        self.choice = choose_capture(shapes, m, self.rt.world, int(cfg.capture_budget_mb * 2**20), cfg.sketch_dim)
+        k = self.choice.sketch_dim
+        self.sketch_shapes = [sketch_shape(o, i, k) for o, i in shapes] if k else []
+        if self.rt.rank == 0 and self.needs.train_grads:
+            log.info("per-domain gradients: %s", self.choice.reason)
+        return DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -144,6 +150,7 @@ class Trainer:
                 self.save_checkpoint()
         if self.capture is not None:
             self.capture.remove()
+        self.peak_rss_mb = self.rt.gather(_peak_rss_mb())  # every worker's peak memory, for the summary
         return self.summary(end) if self.rt.rank == 0 else {}
 
     def _capture_seconds(self) -> float:
@@ -176,18 +183,12 @@ class Trainer:
         return skipped
 
     def round_payload(self) -> dict[str, Any]:
-        """This worker's share of the round: per-domain sums and counts, plus what the strategy needs."""
-        cap, needs = self.capture, self.needs
-        payload: dict[str, Any] = {}
-        counts = None
-        if cap is not None:
-            sums, counts = cap.take()
-            if needs.train_grads:
-                payload["sums"] = sums
-        if counts is None or not needs.train_grads:
-            counts = np.zeros(len(self.eval_texts), dtype=np.int64)
-        payload["counts"] = counts
+        """What the mixer needs from this round, reduced across workers here (``RoundReducer``): counts, G,
+        evaluation terms — kilobytes, identical on every worker — plus the evaluation losses if asked."""
+        cap, needs, m = self.capture, self.needs, self.plan.m
+        payload: dict[str, Any] = {"counts": np.zeros(m, dtype=np.int64)}
         t0, flops = time.perf_counter(), 0.0
+        eval_sum, eval_n = None, 0
         if needs.eval_grad and cap is not None:
             # One batch of this worker's evaluation examples, forward+backward, gradients kept local.
             n, B = len(self.eval_pool), self.cfg.batch_size
@@ -197,17 +198,43 @@ class Trainer:
                 tokens = eval_grad_step(self.model, cap, texts, self.tok, self.cfg.seq_len, self.rt.device,
                                         self.rt.no_sync(self.model))
                 flops += 6.0 * self.n_params * tokens
-            payload["eval_grad"], payload["eval_count"] = cap.take_eval()
+            eval_sum, eval_n = cap.eval_sum, cap.eval_count
         if needs.eval_losses:
             acc, tokens = self._eval_sums()
             # Global sums (all-reduced) divided evenly, so the mixer's sum over workers is the global sum.
-            m = self.plan.m
             payload["eval_loss_sums"] = acc[:m] / self.rt.world
             payload["eval_loss_counts"] = acc[m:] / self.rt.world
             flops += 2.0 * self.n_params * tokens
         self.totals.extra_seconds += time.perf_counter() - t0
         self.totals.extra_flops += flops
+        if cap is not None and self.reducer is not None:
+            dump = needs.train_grads and self.round < self.cfg.debug_dump_rounds
+            r0 = self.reducer.seconds
+            terms = self.reducer.reduce(cap.sums if needs.train_grads else None, cap.counts, eval_sum, eval_n,
+                                        keep_means=dump)
+            cap.reset()
+            if not needs.train_grads:
+                terms["counts"] = np.zeros(m, dtype=np.int64)
+            if dump:
+                self._dump_means(terms["counts"])
+            self.totals.seconds_reduce += self.reducer.seconds - r0
+            if self.rt.rank == 0:  # every worker holds the same terms; the mixer reads rank 0's
+                payload.update(terms)
+                if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
+                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_shapes)
+        self.round_terms = {"sketch_gram_rel_error": payload.get("sketch_error"),
+                            "bytes_to_mixer": _nbytes(payload),
+                            "bytes_collective": self.reducer.bytes_collective if self.reducer is not None else 0}
         return payload
+
+    def _dump_means(self, counts: np.ndarray) -> None:
+        """Debug rounds: the reduced domain means over every column (``debug/round_<r>_grads.npz``)."""
+        assert self.reducer is not None
+        means = self.reducer.full_means()
+        if self.rt.rank == 0 and means is not None:
+            out = self.cfg.run_dir / "debug"
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez(out / f"round_{self.round:04d}_grads.npz", counts=counts, grads=means)
 
     # ------------------------------------------------------------------ evaluation and logging
     def _eval_sums(self) -> tuple[np.ndarray, int]:
@@ -224,7 +251,9 @@ class Trainer:
 
     def log_row(self, evaluated: bool) -> None:
         """All workers add up their counters; rank 0 sends the row (``metrics.jsonl``)."""
-        t, cap_flops = self.totals, (self.capture.flops if self.capture is not None else 0)
+        t = self.totals
+        cap_flops = (self.capture.flops if self.capture is not None else 0) + (
+            self.reducer.flops if self.reducer is not None else 0)
         vec = torch.tensor([self.loss_sum, self.loss_n, t.tokens, t.tokens_padded, t.flops_capture + cap_flops,
                             t.extra_flops], dtype=torch.float64, device=self.rt.device)
         vec = self.rt.all_reduce(vec).cpu().numpy()
@@ -236,10 +265,14 @@ class Trainer:
                 "mixture": [float(x) for x in self.p], "lr": self.sched.get_last_lr()[0],
                 "tokens": int(vec[2]), "tokens_processed": int(vec[3]),
                 "seconds_train": t.seconds_train, "seconds_capture": t.seconds_capture,
-                "seconds_mixer": t.seconds_mixer, "extra_seconds": t.extra_seconds,
+                "seconds_mixer": t.seconds_mixer, "seconds_reduce": t.seconds_reduce,
+                "extra_seconds": t.extra_seconds,
                 "flops_train": 6.0 * self.n_params * vec[3],
                 "flops_balance": vec[4] + float(self.mixer_info.get("flops", 0)),
                 "extra_flops": vec[5], "skipped_update": self.skipped,
+                "sketch_gram_rel_error": self.round_terms.get("sketch_gram_rel_error"),
+                "bytes_to_mixer": self.round_terms.get("bytes_to_mixer", 0),
+                "bytes_collective": self.round_terms.get("bytes_collective", 0),
             }
             self.mixer.log(row)
             self.rt.report(row)
@@ -257,7 +290,9 @@ class Trainer:
         ft = summary.get("flops_train")
         summary["balance_flops_ratio"] = summary.get("flops_balance", 0.0) / ft if ft else None
         summary.update({"workers": self.rt.world, "strategy": self.cfg.strategy, "domains": self.plan.domains,
-                        "n_params_matmul": self.n_params, "q_source": self.plan.q_source})
+                        "n_params_matmul": self.n_params, "q_source": self.plan.q_source,
+                        "capture": self.choice.as_dict() if self.choice is not None else None,
+                        "peak_rss_mb_per_worker": self.peak_rss_mb})
         self.mixer.call("set_summary", summary)
         return summary
 
@@ -277,6 +312,8 @@ class Trainer:
                                    fix="start a new run (checkpoints of older rnb-ray versions cannot resume)") from e
                 torch.set_rng_state(r.worker.rng)
                 self.step, self.p, self.totals = r.step, r.p, Totals(**r.worker.totals)
+                if self.reducer is not None and r.worker.estimates is not None:
+                    self.reducer.estimates.load_state_dict(r.worker.estimates)
                 self.pending = None if r.pending_round is None else self.mixer.recorded(r.pending_round)
                 mixer_state = r.mixer
         if self.rt.rank == 0:
@@ -292,8 +329,11 @@ class Trainer:
             pending_round = self.pending.round
             self.pending = self.mixer.recorded(pending_round)  # read back by number from now on
         totals = asdict(self.totals)
-        totals["flops_capture"] = self.totals.flops_capture + (self.capture.flops if self.capture is not None else 0)
-        mine = checkpoint.WorkerState(sampler=self.sampler.state_dict(), rng=torch.get_rng_state(), totals=totals)
+        totals["flops_capture"] = self.totals.flops_capture + (self.capture.flops if self.capture is not None else 0) + (
+            self.reducer.flops if self.reducer is not None else 0)
+        estimates = self.reducer.estimates.state_dict() if self.reducer is not None else None
+        mine = checkpoint.WorkerState(sampler=self.sampler.state_dict(), rng=torch.get_rng_state(), totals=totals,
+                                      estimates=estimates)
         workers = self.rt.gather(mine)
         if self.rt.rank != 0:
             self.rt.save_checkpoint(None, self.step)
@@ -318,3 +358,17 @@ def run_training_loop(cfg: TrainConfig, *, plan: Plan | None = None,
     mixer = Mixer(setup.spec)
     summary = Trainer(setup, LocalRuntime(cfg.run_dir, mixer, use_gpu=cfg.use_gpu, report=report)).train()
     return mixer.finish({"seconds_total": time.perf_counter() - t0}) if records else summary
+
+
+def _nbytes(payload: dict[str, Any]) -> int:
+    """Bytes of the arrays a round sends to the mixer (what crosses the object store, before pickling)."""
+    return int(sum(np.asarray(v).nbytes for v in payload.values() if v is not None))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from rnb_ray.api import load_state
 
@@ -52,7 +53,14 @@ def test_ray_train_example_records_a_moving_mixture(ray_session, sample_corpus, 
         p.name for p in ckpt.iterdir()}
     state = load_state(ckpt / "sampler_rank1.pt")  # weights_only=True
     assert len(state["streams"]) == 4
-    assert load_state(ckpt / "mixer.pt")["trajectory"][-1]["mixture"] == traj[-1]["mixture"]
+    mixer0 = load_state(ckpt / "mixer.pt")
+    assert mixer0["trajectory"][-1]["mixture"] == traj[-1]["mixture"]
+    # The sums were reduced over the 2 workers' process group: each rank holds half the head's columns of the
+    # domain estimates, and both hold the same (non-zero) Gram matrix.
+    est0, est1 = mixer0["client_estimates"], load_state(ckpt / "mixer_rank1.pt")["client_estimates"]
+    head = torch.load(ckpt / "model.pt", weights_only=True)["lm_head.weight"].numel()
+    assert est0["est"].shape == est1["est"].shape == (4, -(-head // 2))
+    assert torch.equal(est0["gram"], est1["gram"]) and float(est0["gram"].abs().sum()) > 0
 
 
 def test_join_unknown_mixer_is_rnb_error(ray_session):

@@ -90,8 +90,9 @@ def test_rnb_end_to_end(rnb_run):
 
 
 def test_two_workers_aggregate_equals_single_process_on_the_union(rnb_run):
-    """The mixer's round-0 domain-mean head gradients == autograd over both workers' batches together."""
-    dumped = np.load(rnb_run / "mixer" / "round_0000.npz")
+    """Round 0's domain-mean head gradients, reduced by the workers' collectives (reduce-scatter by columns)
+    and gathered for the dump, == autograd over both workers' batches together in one process."""
+    dumped = np.load(rnb_run / "debug" / "round_0000_grads.npz")
     tok = load_tokenizer(None, "byte")
     model = build_model(None, vocab_size=len(tok), seq_len=64, n_layer=1, n_head=2, n_embd=32,
                         pad_token_id=tok.pad_token_id, seed=0)
@@ -115,6 +116,12 @@ def test_two_workers_aggregate_equals_single_process_on_the_union(rnb_run):
     assert dumped["counts"].tolist() == counts.tolist() and counts.sum() == 2 * 5 * 8
     expected = (sums / torch.as_tensor(counts)[:, None]).numpy()
     np.testing.assert_allclose(dumped["grads"], expected, rtol=1e-4, atol=1e-6)
+    # and the mixer received only their Gram matrix (kilobytes), equal to the one of the union
+    mixed = np.load(rnb_run / "mixer" / "round_0000.npz")
+    np.testing.assert_allclose(mixed["gram"], expected @ expected.T, rtol=1e-4, atol=1e-8)
+    rows = _rows(rnb_run)
+    assert 0 < rows[-1]["bytes_to_mixer"] < 1024 and rows[-1]["bytes_collective"] > 0
+    assert json.loads((rnb_run / "result.json").read_text())["capture"]["mode"] == "exact"
 
 
 def test_resume_continues_the_same_trajectory(ray_session, regrouped, rnb_run, tmp_path):

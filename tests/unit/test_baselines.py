@@ -41,12 +41,12 @@ def test_all_four_registered():
 def test_doge_raw_is_multiplicative_weights_on_alignment():
     s = DoGE(3, sizes=SIZES, q=Q3, eta=0.1, scale="raw")
     p0 = np.array([0.5, 0.3, 0.2])
-    p1, reason = s.update(p0, RoundStats(round=0, counts=np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p1, reason = s.update(p0, RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     assert reason is None
     want = normalized([0.5 * math.exp(0.1 * 2), 0.3 * math.exp(0.1 * 2), 0.2 * math.exp(0.1 * -1)])
     np.testing.assert_allclose(p1, want, rtol=1e-12)
     # accumulation: a second identical round multiplies again
-    p2, _ = s.update(p1, RoundStats(round=1, counts=np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p2, _ = s.update(p1, RoundStats.from_vectors(1, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     want2 = normalized([0.5 * math.exp(0.4), 0.3 * math.exp(0.4), 0.2 * math.exp(-0.2)])
     np.testing.assert_allclose(p2, want2, rtol=1e-12)
     np.testing.assert_allclose(s.state_dict()["average"], (p1 + p2) / 2)
@@ -54,7 +54,7 @@ def test_doge_raw_is_multiplicative_weights_on_alignment():
 
 def test_doge_max_scale_divides_by_largest_alignment():
     s = DoGE(3, sizes=SIZES, q=Q3, eta=1.0)  # scale='max': W = [2,2,-1]/2
-    p1, _ = s.update(np.full(3, 1 / 3), RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p1, _ = s.update(np.full(3, 1 / 3), RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     np.testing.assert_allclose(p1, normalized([math.exp(1), math.exp(1), math.exp(-0.5)]), rtol=1e-12)
 
 
@@ -62,7 +62,7 @@ def test_doge_universal_target_uses_sum_of_training_gradients_and_no_eval_pass()
     s = DoGE(3, sizes=SIZES, q=Q3, eta=0.1, scale="raw", target="train")
     assert s.needs_eval_grad is False and DoGE.needs_eval_grad is True
     # target = g1+g2+g3 = [0, 3]; W = [0, 6, 3]
-    p1, _ = s.update(np.full(3, 1 / 3), RoundStats(0, np.ones(3), grads=GRADS))
+    p1, _ = s.update(np.full(3, 1 / 3), RoundStats.from_vectors(0, np.ones(3), grads=GRADS))
     np.testing.assert_allclose(p1, normalized([1.0, math.exp(0.6), math.exp(0.3)]), rtol=1e-12)
 
 
@@ -70,10 +70,10 @@ def test_doge_absent_domain_gets_no_score_and_missing_eval_grad_skips():
     s = DoGE(3, sizes=SIZES, q=Q3, eta=0.1, scale="raw")
     grads = GRADS.copy()
     grads[2] = np.nan
-    p1, _ = s.update(np.full(3, 1 / 3), RoundStats(0, np.array([1, 1, 0]), grads=grads, eval_grad=EVAL_GRAD))
+    p1, _ = s.update(np.full(3, 1 / 3), RoundStats.from_vectors(0, np.array([1, 1, 0]), grads=grads, eval_grad=EVAL_GRAD))
     np.testing.assert_allclose(p1, normalized([math.exp(0.2), math.exp(0.2), 1.0]), rtol=1e-12)
     p = np.array([0.2, 0.3, 0.5])
-    same, reason = s.update(p, RoundStats(1, np.ones(3), grads=GRADS, eval_grad=None))
+    same, reason = s.update(p, RoundStats.from_vectors(1, np.ones(3), grads=GRADS, eval_grad=None))
     assert reason and "evaluation gradient" in reason
     np.testing.assert_array_equal(same, p)
 
@@ -82,14 +82,14 @@ def test_doge_absent_domain_gets_no_score_and_missing_eval_grad_skips():
 def test_dga_exponentiated_step_then_ema():
     s = DGA(3, sizes=SIZES, q=Q3, eta=0.5, ema=0.25, scale="raw")
     np.testing.assert_allclose(s.initial(), [1 / 3] * 3)
-    p1, reason = s.update(s.initial(), RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p1, reason = s.update(s.initial(), RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     assert reason is None
     hat = normalized([math.exp(0.5 * 2), math.exp(0.5 * 2), math.exp(0.5 * -1)])
     want = [0.25 * (1 / 3) + 0.75 * h for h in hat]
     np.testing.assert_allclose(p1, want, rtol=1e-12)
     assert abs(sum(p1) - 1) < 1e-12
     # the second step starts from the smoothed weights
-    p2, _ = s.update(p1, RoundStats(1, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p2, _ = s.update(p1, RoundStats.from_vectors(1, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     hat2 = normalized([want[0] * math.exp(1.0), want[1] * math.exp(1.0), want[2] * math.exp(-0.5)])
     np.testing.assert_allclose(p2, [0.25 * w + 0.75 * h for w, h in zip(want, hat2, strict=True)], rtol=1e-12)
 
@@ -99,17 +99,17 @@ def test_dga_distribution_reweighting_over_basis():
     s = DGA(3, sizes=SIZES, q=Q3, eta=1.0, ema=0.0, scale="raw", basis=basis)
     np.testing.assert_allclose(s.initial(), [0.25, 0.25, 0.5])
     # basis gradients: b1 -> 0.5 g1 + 0.5 g2 = [0.5, 1]; <.,[2,1]> = 2. b2 -> g3: <[-1,1],[2,1]> = -1
-    p1, _ = s.update(s.initial(), RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    p1, _ = s.update(s.initial(), RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     a = normalized([0.5 * math.exp(2.0), 0.5 * math.exp(-1.0)])
     np.testing.assert_allclose(p1, [a[0] * 0.5, a[0] * 0.5, a[1]], rtol=1e-12)
 
 
 def test_dga_state_round_trips_through_json():
     s = DGA(3, sizes=SIZES, q=Q3, eta=0.5)
-    s.update(s.initial(), RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
+    s.update(s.initial(), RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD))
     t = DGA(3, sizes=SIZES, q=Q3, eta=0.5)
     t.load_state_dict(json.loads(json.dumps(s.state_dict())))
-    st = RoundStats(1, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD)
+    st = RoundStats.from_vectors(1, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD)
     np.testing.assert_array_equal(s.update(s.initial(), st)[0], t.update(t.initial(), st)[0])
 
 
@@ -136,7 +136,7 @@ def test_skillit_gradient_graph_from_training_gradients():
     # Gram of GRADS: [[1,0,-1],[0,4,2],[-1,2,2]]; clip negatives, rows normalised to sum 1
     graph = [[1.0, 0, 0], [0, 4 / 6, 2 / 6], [0, 0.5, 0.5]]
     losses = [1.0, 2.0, 4.0]
-    p, _ = s.update(np.full(3, 1 / 3), RoundStats(0, np.ones(3), grads=GRADS, eval_losses=np.array(losses)))
+    p, _ = s.update(np.full(3, 1 / 3), RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_losses=np.array(losses)))
     want = normalized([math.exp(sum(graph[i][j] * losses[j] for j in range(3))) for i in range(3)])
     np.testing.assert_allclose(p, want, rtol=1e-12)
 
@@ -247,7 +247,7 @@ def test_bad_options_raise_rnberror_naming_them(cls, options, text):
 def test_every_state_dict_is_json(tmp_path):
     for cls in (DGA, DoGE, SkillIt, Aioli):
         s = cls(3, sizes=SIZES, q=Q3)
-        st = RoundStats(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD, eval_losses=np.array([3.0, 2.0, 1.0]))
+        st = RoundStats.from_vectors(0, np.ones(3), grads=GRADS, eval_grad=EVAL_GRAD, eval_losses=np.array([3.0, 2.0, 1.0]))
         s.update(s.initial(), st)
         json.dumps(s.state_dict(), allow_nan=False)
 
@@ -277,11 +277,11 @@ def test_domains_without_evaluation_examples_do_not_block_updates():
 
 
 def test_skillit_gradient_graph_keeps_absent_domains_previous_edges():
-    first = gradient_graph(GRADS, np.eye(3))
+    first = gradient_graph(GRADS @ GRADS.T, np.ones(3, dtype=bool), np.eye(3))
     grads = GRADS.copy()
-    grads[0] = np.nan  # domain 0 absent: its row/column keep the first round's values
+    grads[0] = 99.0  # domain 0 absent: its row/column keep the first round's values
     grads[2] = [0.0, 1.0]
-    second = gradient_graph(grads, first)
+    second = gradient_graph(grads @ grads.T, np.array([False, True, True]), first)
     np.testing.assert_allclose(second[0], first[0])
     np.testing.assert_allclose(second[:, 0], first[:, 0])
     # domains 1, 2 now: Gram [[4, 2], [2, 1]] -> rows [4/6, 2/6], [2/3, 1/3]

@@ -16,8 +16,10 @@ def _mixer(tmp_path, workers: int = 2) -> Mixer:
 
 
 def _payload(seed: int) -> dict:
+    """A round's terms as the workers send them (already reduced among themselves)."""
     rng = np.random.default_rng(seed)
-    return {"sums": rng.normal(size=(3, 8)), "counts": np.array([2, 3, 4])}
+    g = rng.normal(size=(3, 8))
+    return {"counts": np.array([2, 3, 4]), "present": np.ones(3, dtype=bool), "gram": g @ g.T}
 
 
 def test_a_workers_next_round_waits_for_the_others_current_round(tmp_path):
@@ -66,3 +68,17 @@ def test_a_retried_round_returns_its_recorded_result(tmp_path):
     first = asyncio.run(m.submit(0, 0, 5, _payload(0)))
     again = asyncio.run(m.submit(0, 0, 5, _payload(9)))
     assert again["mixture"] == first["mixture"] and m.round == 1
+
+
+def test_a_restarted_mixer_continues_from_its_saved_state(tmp_path):
+    """A killed mixer actor is recreated by Ray with the same spec: it reloads RUN/mixer/state.pt (now only
+    p, the trajectory and the strategy's small state — no gradients) and answers the next round the same."""
+    a = _mixer(tmp_path / "a", workers=1)
+    asyncio.run(a.submit(0, 0, 5, _payload(0)))
+    restarted = _mixer(tmp_path / "a", workers=1)  # the same run directory: a restart
+    assert restarted.restarted and restarted.round == 1 and restarted.trajectory == a.trajectory
+    np.testing.assert_array_equal(restarted.p, a.p)
+    assert restarted.state_path.stat().st_size < 10_000
+    nxt_a = asyncio.run(a.submit(0, 1, 10, _payload(1)))
+    nxt_b = asyncio.run(restarted.submit(0, 1, 10, _payload(1)))
+    assert nxt_a["mixture"] == nxt_b["mixture"]

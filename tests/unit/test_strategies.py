@@ -15,18 +15,21 @@ GRADS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
 def test_strategy_replaces_p_each_round():
     s = RnB(3, sizes=np.ones(3), q=np.full(3, 1 / 3), lam=3.0)
-    p1, _ = s.update(s.initial(), RoundStats(0, counts=np.ones(3), grads=GRADS))
+    p1, _ = s.update(s.initial(), RoundStats.from_vectors(0, np.ones(3), grads=GRADS))
     other = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    p2, _ = s.update(p1, RoundStats(1, counts=np.ones(3), grads=other))
+    p2, _ = s.update(p1, RoundStats.from_vectors(1, np.ones(3), grads=other))
     fresh, _ = rnb_mixture(gram(other), np.full(3, 1 / 3), 3.0)
     np.testing.assert_allclose(p2, fresh)  # nothing carried over from round 0
 
 
 def test_absent_domain_keeps_its_last_estimate():
+    """The estimates live with the gradients (workers); G over them reaches the strategy."""
     s = RnB(3, sizes=np.ones(3), q=np.full(3, 1 / 3))
-    s.update(s.initial(), RoundStats(0, counts=np.ones(3), grads=GRADS))
+    first = RoundStats.from_vectors(0, np.ones(3), grads=GRADS)
+    s.update(s.initial(), first)
     new = np.array([[np.nan, np.nan], [2.0, 0.0], [0.0, 3.0]])
-    p, reason = s.update(np.full(3, 1 / 3), RoundStats(1, counts=np.array([0, 4, 4]), grads=new))
+    p, reason = s.update(np.full(3, 1 / 3), RoundStats.from_vectors(1, np.array([0, 4, 4]), grads=new,
+                                                                       previous=first.extra["est"]))
     assert reason is None
     expected, _ = rnb_mixture(gram(np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])), np.full(3, 1 / 3), 3.0)
     np.testing.assert_allclose(p, expected)
@@ -37,7 +40,7 @@ def test_non_finite_contribution_skips_the_round():
     p0 = np.array([0.2, 0.3, 0.5])
     bad = GRADS.copy()
     bad[1, 0] = np.inf
-    p, reason = s.update(p0, RoundStats(0, counts=np.ones(3), grads=bad))
+    p, reason = s.update(p0, RoundStats.from_vectors(0, np.ones(3), grads=bad))
     assert reason is not None and "non-finite" in reason
     np.testing.assert_array_equal(p, p0)
 
@@ -47,17 +50,18 @@ def test_zero_gq_skips_the_round():
     grads = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     s = RnB(3, sizes=np.ones(3), q=np.array([0.0, 0.0, 1.0]))
     p0 = np.full(3, 1 / 3)
-    p, reason = s.update(p0, RoundStats(0, counts=np.ones(3), grads=grads))
+    p, reason = s.update(p0, RoundStats.from_vectors(0, np.ones(3), grads=grads))
     assert reason is not None and "‖Gq‖" in reason
     np.testing.assert_array_equal(p, p0)
 
 
 def test_state_round_trip():
     s = RnB(3, sizes=np.ones(3), q=np.full(3, 1 / 3))
-    s.update(s.initial(), RoundStats(0, counts=np.ones(3), grads=GRADS))
+    s.update(s.initial(), RoundStats.from_vectors(0, np.ones(3), grads=GRADS))
     t = RnB(3, sizes=np.ones(3), q=np.full(3, 1 / 3))
     t.load_state_dict(s.state_dict())
-    stats = RoundStats(1, counts=np.array([0, 1, 1]), grads=np.array([[np.nan, np.nan], [1.0, 2.0], [3.0, 0.0]]))
+    stats = RoundStats.from_vectors(1, np.array([0, 1, 1]), grads=np.array([[np.nan, np.nan], [1.0, 2.0], [3.0, 0.0]]),
+                                    previous=GRADS)
     np.testing.assert_allclose(s.update(np.full(3, 1 / 3), stats)[0], t.update(np.full(3, 1 / 3), stats)[0])
 
 

@@ -32,7 +32,8 @@ def test_checkpoint_files_and_round_trip(tmp_path):
                     pending_round=3, workers=workers, mixer_state={"round": 4, "p": [0.25, 0.75]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixer.pt", "model.pt", "optimizer.pt", "trainer.pt"]
     state = torch.load(tmp_path / "trainer.pt", weights_only=True)
-    assert sorted(state) == ["p", "pending_round", "samplers", "scheduler", "step", "torch_rng", "totals", "world"]
+    assert sorted(state) == ["estimates", "p", "pending_round", "samplers", "scheduler", "step", "torch_rng", "totals",
+                             "world"]
     assert state["world"] == 2 and state["p"] == [0.25, 0.75] and state["totals"][1] == {"tokens": 4.0}
 
     _, fresh = _tiny()

@@ -88,24 +88,47 @@ def check_range(name: str, value: float, lo: float, hi: float, *, strategy: str,
         )
 
 
-def alignment(grads: np.ndarray | None, target: np.ndarray | None) -> tuple[np.ndarray, str | None]:
-    """<g_i, target> per domain; 0 for domains absent from the round (NaN rows). Reason when unusable."""
-    if grads is None:
+def alignment(stats: Any) -> tuple[np.ndarray, str | None]:
+    """<ḡ_i, g_eval> per domain from the round's terms; 0 for domains absent from the round. Reason when
+    unusable."""
+    if stats.gram is None:
         return np.zeros(0), "no per-domain training gradients in this round"
-    if target is None:
+    if stats.eval_align is None or stats.eval_sq is None:
         return np.zeros(0), "no evaluation gradient in this round"
-    grads = np.asarray(grads, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    if not np.all(np.isfinite(target)):
+    align = np.asarray(stats.eval_align, dtype=np.float64)
+    present = _present(stats)
+    if not np.isfinite(stats.eval_sq) or not np.all(np.isfinite(align[present])):
         return np.zeros(0), "evaluation gradient is not finite"
-    present = np.all(np.isfinite(grads), axis=1)
     if not present.any():
         return np.zeros(0), "no domain had a finite gradient in this round"
-    if not np.any(target):
+    if stats.eval_sq == 0:
         return np.zeros(0), "evaluation gradient is zero"
-    scores = np.zeros(grads.shape[0])
-    scores[present] = grads[present] @ target
+    scores = np.zeros(len(present))
+    scores[present] = align[present]
     return scores, None
+
+
+def weighted_alignment(stats: Any, weights: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """<ḡ_j, Σ_i w_i ḡ_i> over the domains present (DoGE's universal target), from G alone."""
+    if stats.gram is None:
+        return np.zeros(0), "no per-domain training gradients in this round"
+    present = _present(stats)
+    if not present.any():
+        return np.zeros(0), "no domain had a finite gradient in this round"
+    G = np.asarray(stats.gram, dtype=np.float64)
+    w = np.where(present, np.asarray(weights, dtype=np.float64), 0.0)
+    if not float(w @ G @ w) > 0:  # ‖target‖² (0 for a zero target)
+        return np.zeros(0), "evaluation gradient is zero"
+    scores = np.zeros(len(present))
+    scores[present] = (G @ w)[present]
+    return scores, None
+
+
+def _present(stats: Any) -> np.ndarray:
+    counts = np.asarray(stats.counts)
+    if stats.present is None:
+        return counts > 0
+    return np.asarray(stats.present, dtype=bool) & (counts > 0)
 
 
 def load_matrix(value: Any, *, name: str, strategy: str, shape: tuple[int | None, int]) -> np.ndarray:

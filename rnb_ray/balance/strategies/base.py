@@ -22,17 +22,36 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from rnb_ray.balance.gram import gram_terms_dense
+
 
 @dataclass
 class RoundStats:
-    """What one round measured, summed over all workers."""
+    """What one round measured, over all workers. Gradient strategies see only inner products of the
+    domains' mean gradients (formed on the workers, ``balance/gram_terms.py``), never the vectors."""
 
     round: int
     counts: np.ndarray  # (m,) training examples per domain in this round
-    grads: np.ndarray | None = None  # (m, D) domain-mean gradients (or sketches); rows with count 0 are NaN
-    eval_grad: np.ndarray | None = None  # (D,) evaluation-loss gradient on the same subset/sketch
+    gram: np.ndarray | None = None  # (m, m) G_ij = ḡ_iᵀḡ_j over each domain's latest mean-gradient estimate
+    present: np.ndarray | None = None  # (m,) bool: in this round with a finite gradient (its row of G is new)
+    eval_align: np.ndarray | None = None  # (m,) ḡ_iᵀ g_eval (the evaluation-loss gradient, same subset/sketch)
+    eval_sq: float | None = None  # g_evalᵀ g_eval (NaN when the evaluation gradient is not finite)
     eval_losses: np.ndarray | None = None  # (m,) evaluation loss per domain
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_vectors(cls, round_: int, counts: np.ndarray, grads: np.ndarray | None = None,
+                     eval_grad: np.ndarray | None = None, eval_losses: np.ndarray | None = None,
+                     previous: np.ndarray | None = None) -> RoundStats:
+        """The stats from full vectors in one process (tests, notebooks): ``grads`` (m, D) this round's
+        domain means with NaN rows for absent domains, ``previous`` the estimates before the round."""
+        counts = np.asarray(counts)
+        if grads is None:
+            return cls(round_, counts, eval_losses=eval_losses)
+        t = gram_terms_dense(grads, previous, eval_grad)
+        return cls(round_, counts, gram=t["gram"], present=t["present"] & (counts > 0),
+                   eval_align=t.get("eval_align"), eval_sq=t.get("eval_sq"), eval_losses=eval_losses,
+                   extra={"est": t["est"]})
 
 
 class Strategy:

@@ -78,7 +78,7 @@ class DGA(Strategy):
 
     def outer_scores(self, stats: RoundStats) -> tuple[np.ndarray, str | None]:
         """⟨Σ_i b_ji g_i, g_eval⟩ per basis j (scaled); identity basis = per-domain alignment."""
-        w, reason = alignment(stats.grads, stats.eval_grad)
+        w, reason = alignment(stats)
         if reason is not None:
             return w, reason
         return scaled(self.basis @ w, self.scale), None

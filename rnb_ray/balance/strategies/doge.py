@@ -35,6 +35,7 @@ from rnb_ray.balance.strategies._common import (
     reject_unknown,
     scaled,
     target_weights,
+    weighted_alignment,
 )
 from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
@@ -66,19 +67,12 @@ class DoGE(Strategy):
         self._sum = np.zeros(m)
         self._rounds = 0
 
-    def target_gradient(self, stats: RoundStats) -> np.ndarray | None:
-        if self.target == "eval":
-            return stats.eval_grad
-        if stats.grads is None:
-            return None
-        grads = np.asarray(stats.grads, dtype=np.float64)
-        present = np.all(np.isfinite(grads), axis=1)
-        w = target_weights(self.q)
-        return (w[present, None] * grads[present]).sum(axis=0)
-
     def scores(self, stats: RoundStats) -> tuple[np.ndarray, str | None]:
         """W_j = <g_j, g_target> (scaled); 0 for domains absent from the round."""
-        w, reason = alignment(stats.grads, self.target_gradient(stats))
+        if self.target == "eval":
+            w, reason = alignment(stats)
+        else:  # the universal target Σ_i w_i g_i: its inner products come from G
+            w, reason = weighted_alignment(stats, target_weights(self.q))
         return (scaled(w, self.scale), None) if reason is None else (w, reason)
 
     def update(self, p: np.ndarray, stats: RoundStats) -> tuple[np.ndarray, str | None]:

@@ -41,20 +41,19 @@ from rnb_ray.balance.strategies.base import RoundStats, Strategy
 from rnb_ray.errors import RnbError
 
 
-def gradient_graph(grads: np.ndarray, previous: np.ndarray) -> np.ndarray:
+def gradient_graph(gram: np.ndarray, present: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Row-normalised first-order skills graph: A_ij = max(0, <g_i, g_j>) / Σ_k max(0, <g_i, g_k>).
 
-    Computed over the domains present in the round; rows and columns of absent domains keep ``previous``.
-    Each row sums to 1 (where domain i helps anyone at all), so Σ_j A_ij L_j is a weighted *average* of
-    losses and η keeps the same meaning whatever the number of domains.
+    Computed over the domains present in the round (from the round's Gram matrix); rows and columns of absent
+    domains keep ``previous``. Each row sums to 1 (where domain i helps anyone at all), so Σ_j A_ij L_j is a
+    weighted *average* of losses and η keeps the same meaning whatever the number of domains.
     """
-    grads = np.asarray(grads, dtype=np.float64)
-    present = np.all(np.isfinite(grads), axis=1)
+    present = np.asarray(present, dtype=bool)
     graph = previous.copy()
     if not present.any():
         return graph
     idx = np.flatnonzero(present)
-    pos = np.maximum(grads[idx] @ grads[idx].T, 0.0)
+    pos = np.maximum(np.asarray(gram, dtype=np.float64)[np.ix_(idx, idx)], 0.0)
     rows = pos.sum(axis=1, keepdims=True)
     block = np.where(rows > 0, pos / np.where(rows > 0, rows, 1.0), graph[np.ix_(idx, idx)])
     graph[np.ix_(idx, idx)] = block
@@ -95,8 +94,11 @@ class SkillIt(Strategy):
         return np.full(self.m, 1.0 / self.m)
 
     def update(self, p: np.ndarray, stats: RoundStats) -> tuple[np.ndarray, str | None]:
-        if self.graph_mode == "gradient" and stats.grads is not None:
-            self.graph = gradient_graph(stats.grads, self.graph)
+        if self.graph_mode == "gradient" and stats.gram is not None:
+            present = np.asarray(stats.counts) > 0
+            if stats.present is not None:
+                present &= np.asarray(stats.present, dtype=bool)
+            self.graph = gradient_graph(stats.gram, present, self.graph)
         losses = stats.eval_losses
         if losses is None:
             return p, "no evaluation losses in this round"

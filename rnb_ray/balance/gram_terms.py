@@ -1,0 +1,89 @@
+"""What a mixing round needs from the per-domain gradients, formed where the gradients are (pure torch:
+no Ray, no IO, no collectives — the caller reduces the partial terms).
+
+Every gradient-based strategy only ever uses inner products of the domain-mean gradients ḡ_i (and of the
+evaluation gradient g_e), never the vectors themselves:
+
+    G_ij = ḡ_iᵀ ḡ_j          R&B (p = softmax(λ·Gq/‖Gq‖)), Skill-It's gradient graph, DoGE's universal target
+    a_i  = ḡ_iᵀ g_e          DGA, DoGE (evaluation target)
+    s    = g_eᵀ g_e          (whether the evaluation gradient is zero)
+
+Inner products split over any partition of the coordinates: with the columns of the (m × D) sums spread
+over W workers (a reduce-scatter), each worker forms G, a, s on its D/W columns and one all-reduce of those
+m × m numbers gives the exact totals. So the vectors never leave the workers' collective, and the mixer
+receives kilobytes.
+
+R&B keeps, for every domain, its latest mean gradient (a domain absent from a round keeps the estimate of
+the last round it appeared in): ``DomainEstimates`` holds this worker's columns of those estimates and the
+global G over them. Only rows of domains present in the round change, so a round costs |P|·m·D/W
+multiply-adds (P: the round's domains), not m²·D/W, and G's other entries are carried over.
+
+The reference that this must equal — the mixer's old computation on the full vectors — is
+``gram.gram_terms_dense``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(m,) float: 1 where a row holds a NaN/inf (its sum is then non-finite, or it overflows, equally unusable)."""
+    if x.numel() == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64)
+    return (~torch.isfinite(x.sum(dim=1))).double().cpu()  # overflow to inf is as unusable as a NaN
+
+
+class DomainEstimates:
+    """This worker's columns of each domain's latest mean gradient, and the Gram matrix over all of them.
+
+    Per round: ``update_rows(shard, counts, ok)`` replaces the estimates of the domains present (count > 0 and
+    finite everywhere: ``ok``) by this round's means and returns the partial |P| × m block est_P estᵀ on these
+    columns; the caller all-reduces it and hands the total to ``set_rows``. ``eval_partials`` gives a_i, s on
+    these columns. A domain never seen has a zero estimate (its row of G is zero), as in the paper's start.
+    """
+
+    def __init__(self, m: int, cols: int, device: torch.device | str = "cpu"):
+        self.m, self.cols = m, cols
+        self.est = torch.zeros(m, cols, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(m, m, dtype=torch.float64)
+        self.seen = torch.zeros(m, dtype=torch.bool)
+        self.flops = 0
+
+    def update_rows(self, shard: torch.Tensor, counts: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows P, partial block (|P|, m) float64 on these columns). ``shard``: (m, cols) summed gradients."""
+        rows = torch.nonzero(ok & (counts > 0)).reshape(-1)
+        if rows.numel() == 0:
+            return rows, torch.zeros(0, self.m, dtype=torch.float64)
+        idx = rows.to(self.est.device)
+        scale = (1.0 / counts[rows].double()).to(torch.float32).to(self.est.device)
+        self.est.index_copy_(0, idx, shard.index_select(0, idx).float() * scale[:, None])
+        self.seen[rows] = True
+        block = self.est.index_select(0, idx) @ self.est.T  # float32 GEMM (BLAS-blocked sums)
+        self.flops += 2 * rows.numel() * self.m * self.cols
+        return rows, block.double().cpu()
+
+    def set_rows(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        """Write the all-reduced block into G (both its rows and, by symmetry, its columns)."""
+        if rows.numel():
+            self.gram[rows, :] = block
+            self.gram[:, rows] = block.T
+
+    def eval_partials(self, eval_shard: torch.Tensor) -> torch.Tensor:
+        """(m + 1,) float64 on these columns: est·g_e for every domain, then g_eᵀg_e."""
+        e = eval_shard.to(self.est.device).float()
+        self.flops += 2 * (self.m + 1) * self.cols
+        return torch.cat([(self.est @ e).double(), (e @ e).double().reshape(1)]).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"est": self.est.cpu().clone(), "gram": self.gram.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        est = torch.as_tensor(state["est"])
+        if tuple(est.shape) != tuple(self.est.shape):
+            raise ValueError(f"saved estimates have shape {tuple(est.shape)}, this worker's are {tuple(self.est.shape)}")
+        self.est.copy_(est)
+        self.gram.copy_(torch.as_tensor(state["gram"], dtype=torch.float64))
+        self.seen.copy_(torch.as_tensor(state["seen"], dtype=torch.bool))

@@ -1,0 +1,88 @@
+"""A mixing round's reduction, on the workers, with the training's own collectives (no Ray).
+
+At the end of a round each worker holds its own per-domain gradient sums (m × D, from ``DomainGradCapture``;
+exact or sketched). Instead of shipping them to the mixer actor, the workers
+
+1. reduce-scatter the sums by columns (``Runtime.reduce_scatter_cols``: gloo on CPU, nccl on GPU), so each
+   holds the global sums of 1/W of the coordinates (and the evaluation gradient likewise, when needed);
+2. all-reduce one small vector: the example counts and which domains have a non-finite gradient anywhere;
+3. replace the present domains' estimates by this round's means on their columns and form their partial
+   rows of G (and ḡ_iᵀg_e, g_eᵀg_e) — ``gram_terms.DomainEstimates``;
+4. all-reduce those |P| × m (+ m + 1) numbers.
+
+Every worker then holds the same G, counts and evaluation terms: kilobytes, which is all the mixer receives.
+With one worker the collectives are no-ops and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rnb_ray.balance.gram_terms import DomainEstimates, nonfinite_rows
+from rnb_ray.balance.runtime import Runtime
+
+
+class RoundReducer:
+    """One per worker; ``reduce`` is called by every worker at the end of every round."""
+
+    def __init__(self, rt: Runtime, m: int, dim: int):
+        self.rt, self.m, self.dim = rt, m, dim
+        self.cols = -(-dim // rt.world)
+        self.estimates = DomainEstimates(m, self.cols, device=rt.device)
+        self.seconds = 0.0  # this worker's wall time in the reduction (collectives + its share of the Gram)
+        self.bytes_collective = 0  # bytes this worker handed to collectives, cumulative
+        self.last_means: torch.Tensor | None = None  # only when asked (debug dumps)
+
+    def reduce(self, sums: torch.Tensor | None, counts: torch.Tensor, eval_sum: torch.Tensor | None = None,
+               eval_count: int = 0, keep_means: bool = False) -> dict[str, Any]:
+        """This round's terms, identical on every worker. ``sums``: (m, D) this worker's sums (read, not kept)."""
+        t0 = time.perf_counter()
+        rt, m, dev, multi = self.rt, self.m, self.rt.device, self.rt.world > 1
+        shard = rt.reduce_scatter_cols(sums) if sums is not None else None
+        eshard = rt.reduce_scatter_cols(eval_sum.reshape(1, -1))[0] if eval_sum is not None else None
+        bad = nonfinite_rows(shard) if shard is not None else torch.zeros(m, dtype=torch.float64)
+        small = torch.cat([counts.double().cpu(), bad, torch.tensor([float(eval_count)], dtype=torch.float64)])
+        small = rt.all_reduce(small.to(dev)).cpu()
+        counts_g, ok, eval_n = small[:m].round().long(), small[m:2 * m] == 0, int(small[2 * m])
+        # Plain numpy copies: a view into a torch tensor's storage (with an offset) does not pickle for Ray.
+        out: dict[str, Any] = {"counts": counts_g.numpy().copy(), "present": ((counts_g > 0) & ok).numpy().copy()}
+        if multi:
+            self.bytes_collective += small.numel() * 8 + sum(
+                t.numel() * t.element_size() for t in (sums, eval_sum) if t is not None)
+        if shard is None:
+            self.seconds += time.perf_counter() - t0
+            return out
+        if keep_means:
+            self.last_means = shard.double().cpu() / counts_g.clamp(min=1).double()[:, None]
+            self.last_means[~((counts_g > 0) & ok)] = float("nan")
+        rows, block = self.estimates.update_rows(shard, counts_g, ok)
+        parts = [block.reshape(-1)]
+        if eshard is not None:
+            parts.append(self.estimates.eval_partials(eshard / max(eval_n, 1)))
+        vec = rt.all_reduce(torch.cat(parts).to(dev)).cpu()
+        if multi:
+            self.bytes_collective += vec.numel() * 8
+        n_block = rows.numel() * m
+        self.estimates.set_rows(rows, vec[:n_block].view(rows.numel(), m))
+        out["gram"] = self.estimates.gram.numpy().copy()
+        if eshard is not None:
+            out["eval_align"] = vec[n_block:n_block + m].numpy().copy()
+            out["eval_sq"] = float(vec[n_block + m])
+            out["eval_count"] = eval_n
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def full_means(self) -> np.ndarray | None:
+        """The last round's domain means over every column (debug only: gathers every worker's shard)."""
+        if self.last_means is None:
+            return None
+        shards = self.rt.gather(self.last_means.numpy())
+        return np.concatenate(shards, axis=1)[:, : self.dim]
+
+    @property
+    def flops(self) -> int:
+        return self.estimates.flops

@@ -1,0 +1,94 @@
+"""The round's terms formed on column shards (workers) equal the old mixer-side computation on full vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rnb_ray.balance.gram import domain_means, expected_sketch_error, gram, gram_terms_dense
+from rnb_ray.balance.gram_terms import DomainEstimates, nonfinite_rows
+from rnb_ray.balance.sketch import AUTO_MAX_SKETCH, choose_capture
+
+
+def _sharded_round(shards: list[DomainEstimates], sums: np.ndarray, counts: np.ndarray,
+                   eval_grad: np.ndarray | None):
+    """What RoundReducer does with W workers: column shards, partial terms, their sum (the all-reduce)."""
+    cols = np.array_split(np.arange(sums.shape[1]), len(shards))
+    c = torch.as_tensor(counts)
+    bad = sum(nonfinite_rows(torch.as_tensor(sums[:, ix], dtype=torch.float32)) for ix in cols)
+    ok = bad == 0
+    blocks, evals = [], []
+    for est, ix in zip(shards, cols, strict=True):
+        rows, block = est.update_rows(torch.as_tensor(sums[:, ix], dtype=torch.float32), c, ok)
+        blocks.append(block)
+        if eval_grad is not None:
+            evals.append(est.eval_partials(torch.as_tensor(eval_grad[ix], dtype=torch.float32)))
+    total = sum(blocks)
+    for est in shards:
+        est.set_rows(rows, total)
+    return shards[0].gram.numpy(), (sum(evals).numpy() if evals else None), (c > 0) & ok
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_sharded_terms_equal_the_mixer_side_computation_over_rounds(workers):
+    rng = np.random.default_rng(0)
+    m, D = 5, 37  # D not a multiple of the worker count
+    shards = [DomainEstimates(m, len(ix)) for ix in np.array_split(np.arange(D), workers)]
+    previous = None
+    for r, present in enumerate([[1, 1, 0, 1, 0], [0, 1, 1, 0, 0], [1, 0, 0, 0, 1]]):
+        counts = np.array(present) * rng.integers(1, 5, size=m)
+        sums = rng.normal(size=(m, D)) * counts[:, None]
+        eval_grad = rng.normal(size=D)
+        G, ev, ok = _sharded_round(shards, sums, counts, eval_grad)
+        ref = gram_terms_dense(domain_means(sums, counts), previous, eval_grad)  # the old path, float64
+        previous = ref["est"]
+        np.testing.assert_allclose(G, ref["gram"], rtol=1e-5, atol=1e-6, err_msg=f"round {r}")
+        np.testing.assert_allclose(ev[:m], ref["eval_align"], rtol=1e-5, atol=1e-6)
+        assert ev[m] == pytest.approx(ref["eval_sq"], rel=1e-5)
+        assert ok.numpy().tolist() == (counts > 0).tolist()
+    np.testing.assert_allclose(gram(previous), G, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_domain_keeps_its_estimate_and_is_reported():
+    m, D = 3, 6
+    est = [DomainEstimates(m, 3), DomainEstimates(m, 3)]
+    sums = np.ones((m, D))
+    _sharded_round(est, sums, np.ones(m, dtype=np.int64), None)
+    bad = sums * 2
+    bad[1, 4] = np.inf  # only on the second worker's columns: both must keep domain 1's old estimate
+    G, _, ok = _sharded_round(est, bad, np.ones(m, dtype=np.int64), None)
+    assert ok.tolist() == [True, False, True]
+    assert torch.equal(est[0].est[1], torch.ones(3)) and torch.equal(est[1].est[1], torch.ones(3))
+    assert G[0, 0] == pytest.approx(4 * D) and G[1, 1] == pytest.approx(D) and np.isfinite(G).all()
+
+
+def test_estimates_state_round_trip():
+    a = DomainEstimates(2, 4)
+    a.update_rows(torch.arange(8.0).view(2, 4), torch.tensor([1, 2]), torch.tensor([True, True]))
+    b = DomainEstimates(2, 4)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.est, b.est) and torch.equal(a.seen, b.seen)
+    with pytest.raises(ValueError, match="shape"):
+        DomainEstimates(2, 5).load_state_dict(a.state_dict())
+
+
+def test_capture_choice_from_the_budget():
+    head = [(30522, 768)]
+    small = choose_capture([(259, 32)], m=4, world=2, budget_bytes=2**30)
+    assert small.sketch_dim == 0 and small.numbers_per_domain == 259 * 32
+    big = choose_capture(head, m=64, world=1, budget_bytes=2**30)  # 64 × 23.4 M floats: 12 GB
+    assert big.sketch_dim == AUTO_MAX_SKETCH and big.bytes_per_worker <= 2**30
+    tight = choose_capture(head, m=1000, world=8, budget_bytes=8 * 2**20)
+    assert 0 < tight.sketch_dim < AUTO_MAX_SKETCH and tight.bytes_per_worker <= 8 * 2**20
+    assert choose_capture(head, m=64, world=1, budget_bytes=2**30, requested=0).sketch_dim == 0
+    assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64).sketch_dim == 64
+    assert big.as_dict()["mode"] == "sketch" and small.as_dict()["mode"] == "exact"
+
+
+def test_expected_sketch_error_shrinks_with_the_sketch():
+    G = np.array([[2.0, 1.0], [1.0, 2.0]])
+    e_small = expected_sketch_error(G, [(16, 16)])
+    e_big = expected_sketch_error(G, [(64, 64)])
+    assert e_small is not None and e_big is not None and e_big < e_small < 1
+    assert expected_sketch_error(np.zeros((2, 2)), [(8, 8)]) is None

@@ -1,0 +1,109 @@
+"""``RoundReducer`` with 2 real gloo processes equals 1 process on the union of their sums (no Ray)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rnb_ray.balance.round_reduce import RoundReducer
+from rnb_ray.balance.runtime import reduce_scatter_cols
+
+M, D = 4, 11  # D not a multiple of 2: the last shard is zero-padded
+
+
+class _GlooRuntime:
+    """The collectives of ``RayTrainRuntime`` (the same ``reduce_scatter_cols``), without Ray Train."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world)
+
+    def gather(self, obj):
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _inputs(rank: int, rnd: int):
+    g = torch.Generator().manual_seed(100 * rnd + rank)
+    counts = torch.randint(0, 3, (M,), generator=g)
+    counts[rnd % M] = 0  # absent from round rnd on both workers: keeps its last estimate
+    counts[(rnd + 1) % M] = 1 + rank  # present in every round on both workers
+    sums = torch.randn(M, D, generator=g) * counts[:, None]
+    return sums, counts, torch.randn(D, generator=g), 2
+
+
+def _run(reducer: RoundReducer, parts: list) -> list[dict]:
+    out = []
+    for sums, counts, ev, n in parts:
+        terms = reducer.reduce(sums, counts, ev, n, keep_means=True)
+        terms["means"] = reducer.full_means()
+        pickle.loads(pickle.dumps(terms, protocol=5))  # what Ray does with the payload
+        out.append(terms)
+    return out
+
+
+def _worker(rank: int, port: int, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D), [_inputs(rank, r) for r in range(3)])
+        q.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Single:
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def all_reduce(self, t):
+        return t
+
+    def reduce_scatter_cols(self, x):
+        return x
+
+    def gather(self, obj):
+        return [obj]
+
+
+def test_two_gloo_workers_equal_one_process_on_the_union():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    union = []
+    for r in range(3):
+        a, b = _inputs(0, r), _inputs(1, r)
+        union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
+    single = _run(RoundReducer(_Single(), M, D), union)
+    for r in range(3):
+        for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
+            got, want = results[rank][r], single[r]
+            assert got["counts"].tolist() == want["counts"].tolist()
+            assert got["present"].tolist() == want["present"].tolist()
+            np.testing.assert_allclose(got["gram"], want["gram"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["eval_align"], want["eval_align"], rtol=1e-5, atol=1e-6)
+            assert got["eval_sq"] == want["eval_sq"] or abs(got["eval_sq"] - want["eval_sq"]) < 1e-4 * want["eval_sq"]
+            np.testing.assert_allclose(got["means"], want["means"], rtol=1e-5, atol=1e-6)
+    for r in range(3):
+        assert not single[r]["present"][r % M] and single[r]["present"][(r + 1) % M]
