@@ -149,7 +149,8 @@ def _relative(root: str, path: str) -> str:
         return Path(path).name
 
 
-def _name(value: object) -> str | None:
+def domain_name(value: object) -> str | None:
+    """A domain value's name: integers without a decimal point, None for nulls."""
     if value is None:
         return None
     if isinstance(value, float):
@@ -160,7 +161,8 @@ def _name(value: object) -> str | None:
     return str(value)
 
 
-def _order(names: set[str]) -> list[str]:
+def order_domains(names: set[str]) -> list[str]:
+    """Numerically when every name is an integer, else lexicographically."""
     try:
         return sorted(names, key=int)
     except ValueError:
@@ -176,7 +178,7 @@ def domain_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[s
     names: list[str] = []
     remap = []
     for v in enc.dictionary.to_pylist():
-        name = _name(v)
+        name = domain_name(v)
         if name is None:
             remap.append(-1)
             continue
@@ -267,7 +269,7 @@ def _scan(path: str, cfg: TrainConfig, what: str, fraction: float, key0: int, ca
             if uniform is None and pf is not None and col is not None:
                 st = pf.metadata.row_group(rg).column(col).statistics
                 if st is not None and st.has_min_max and st.null_count == 0 and st.min == st.max:
-                    uniform, how = _name(st.min), "parquet statistics"
+                    uniform, how = domain_name(st.min), "parquet statistics"
             if uniform is not None:
                 held = _heldout(src, np.arange(n), cfg.seed, fraction)
                 _add(side, uniform, key, src, np.arange(n), held, mixed=False, cap=cap, prio=prio)
@@ -348,7 +350,7 @@ def prepare_plan(cfg: TrainConfig) -> Plan:
     if data.nulls:
         warnings.append(f"{data.nulls} training rows have no domain value and are skipped")
     sources = list(data.sources)
-    names = _order(set(data.train))
+    names = order_domains(set(data.train))
     n_eval, eval_pick = data.n_eval, data.eval_pick
     how = dict(data.how)
     if cfg.eval_data is not None:

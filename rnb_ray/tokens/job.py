@@ -27,6 +27,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from rnb_ray import atomic, files
+from rnb_ray.balance.plan import domain_name, order_domains  # shards name domains as training does
 from rnb_ray.errors import RnbError
 from rnb_ray.tokens.config import TokenizeConfig
 from rnb_ray.tokens.indexed import token_dtype, write_shard
@@ -43,23 +44,6 @@ class Unit:
     hive_domain: str | None  # the domain from a `<domain_column>=<v>` directory when the file has no column
 
 
-def domain_name(value: object) -> str | None:
-    """A domain value's name (as training names it): integers without a decimal point, None for nulls."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if np.isnan(value):
-            return None
-        if value.is_integer():
-            return str(int(value))
-    return str(value)
-
-
-def order_domains(names: set[str]) -> list[str]:
-    try:
-        return sorted(names, key=int)
-    except ValueError:
-        return sorted(names)
 
 
 def plan_units(cfg: TokenizeConfig) -> tuple[Any, list[Unit], Path | None]:
