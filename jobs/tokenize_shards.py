@@ -1,6 +1,9 @@
-"""Ray job entry point: ``ray job submit -- python jobs/tokenize.py --data REGROUP_OUT --output TOK_OUT --tokenizer byte ...``.
+"""Ray job entry point: ``ray job submit -- python jobs/tokenize_shards.py --data REGROUP_OUT --output TOK_OUT --tokenizer byte ...``.
 
 Same flags as ``rnb tokenize``; inside a Ray job RAY_ADDRESS points at the cluster.
+
+Not named ``tokenize.py``: ``python jobs/<any>.py`` puts ``jobs/`` first on ``sys.path``, where a ``tokenize.py``
+would shadow the standard library's ``tokenize`` (imported by ``inspect``) and break every other job.
 """
 
 import sys
