@@ -380,17 +380,7 @@ def prepare_plan(cfg: TrainConfig) -> Plan:
 
     sizes = np.array([sum(u.rows for u in data.train[d]) for d in names], dtype=np.int64)
     eval_sizes = np.array([n_eval.get(d, 0) for d in names], dtype=np.int64)
-    if cfg.eval_data is not None:
-        if eval_sizes.sum() == 0:
-            raise RnbError("the evaluation data shares no domain with the training data", where=cfg.eval_data,
-                           fix="assign the evaluation set to the training domains with `rnb assign --domains "
-                           "OUT/domains.json`")
-        q, q_source = eval_sizes / eval_sizes.sum(), "eval_data"
-    else:
-        q, q_source = sizes / sizes.sum(), "training proportions"
-    if not (eval_sizes > 0).any():
-        raise RnbError("no evaluation examples (every domain is too small to hold any out)", where=cfg.data,
-                       fix="raise --eval-fraction or pass --eval-data")
+    q, q_source = mixture_target(cfg, sizes, eval_sizes, unit="examples")
     if cfg.floor * len(names) >= 1.0:
         raise RnbError(f"floor {cfg.floor} is too large for {len(names)} domains", where="--floor",
                        fix=f"use floor < 1/m = {1 / len(names):.4g}")
@@ -424,6 +414,24 @@ def _listed_domains(data: str) -> dict | None:
     except (json.JSONDecodeError, AttributeError):
         listed = {}
     return listed if isinstance(listed, dict) else {}
+
+
+def mixture_target(cfg: TrainConfig, sizes: np.ndarray, eval_sizes: np.ndarray, *, unit: str
+                   ) -> tuple[np.ndarray, str]:
+    """(q, where it came from): the evaluation data's share per domain with ``--eval-data``, else the training
+    proportions; refused when nothing can be evaluated (``unit`` names what is counted in the message)."""
+    if cfg.eval_data is not None:
+        if eval_sizes.sum() == 0:
+            raise RnbError("the evaluation data shares no domain with the training data", where=cfg.eval_data,
+                           fix="assign the evaluation set to the training domains with `rnb assign --domains "
+                           "OUT/domains.json`")
+        q, q_source = eval_sizes / eval_sizes.sum(), "eval_data"
+    else:
+        q, q_source = sizes / sizes.sum(), "training proportions"
+    if not (eval_sizes > 0).any():
+        raise RnbError(f"no evaluation {unit} (every domain is too small to hold any out)", where=cfg.data,
+                       fix="raise --eval-fraction or pass --eval-data")
+    return q, q_source
 
 
 def load_static_weights(path: str, domains: list[str]) -> np.ndarray:

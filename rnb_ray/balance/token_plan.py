@@ -86,7 +86,7 @@ def _heldout(rel: str, n: int, seed: int, fraction: float) -> np.ndarray:
 def prepare_token_plan(cfg: TrainConfig) -> TokenPlan:
     """Open and check the shards, compare tokenizers, count the split (driver side, before Ray work)."""
     from rnb_ray.balance.lm import load_tokenizer, tokenizer_source
-    from rnb_ray.balance.plan import load_static_weights
+    from rnb_ray.balance.plan import load_static_weights, mixture_target
     from rnb_ray.tokens.encode import tokenizer_info
 
     if cfg.category_column is not None:
@@ -125,15 +125,7 @@ def prepare_token_plan(cfg: TrainConfig) -> TokenPlan:
             if name in ed.domains:
                 evals[d] = _domain_shards(ed, ed.domains.index(name))
                 eval_sizes[d] = int(ed.manifest["by_domain"][name]["tokens"])
-        if eval_sizes.sum() == 0:
-            raise RnbError("the evaluation data shares no domain with the training data", where=cfg.eval_data,
-                           fix="assign the evaluation set to the training domains with `rnb assign`")
-        q, q_source = eval_sizes / eval_sizes.sum(), "eval_data"
-    else:
-        q, q_source = sizes / sizes.sum(), "training proportions"
-    if not (eval_sizes > 0).any():
-        raise RnbError("no evaluation documents (every domain is too small to hold any out)", where=cfg.data,
-                       fix="raise --eval-fraction or pass --eval-data")
+    q, q_source = mixture_target(cfg, sizes, eval_sizes, unit="documents")
     if len(td.domains) < 2:
         raise RnbError(f"the token shards have {len(td.domains)} domain(s); mixing needs at least 2",
                        where=cfg.data, fix="regroup into more domains (k >= 2)")
