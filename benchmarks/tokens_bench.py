@@ -84,10 +84,9 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# ---------------------------------------------------------------------------------------------- (a)
-def bench_train(root: Path, args: argparse.Namespace) -> dict:
-    from rnb_ray.balance.config import TrainConfig
-    from rnb_ray.balance.trainer import run_training_loop
+def corpora(root: Path) -> tuple[list[str], Path, Path]:
+    """The short-document texts, their regrouped raw corpus and its token shards (tokenised once, cached)."""
+    from rnb_ray import ray_env
     from rnb_ray.tokens.config import TokenizeConfig
     from rnb_ray.tokens.job import tokenize_corpus
 
@@ -95,10 +94,17 @@ def bench_train(root: Path, args: argparse.Namespace) -> dict:
     raw = write_regrouped(root, texts, doms, repeat=1, row_group=256)
     tok_dir = root / "tokens_train"
     if not (tok_dir / "tokens.json").is_file():
-        from rnb_ray import ray_env
-
         ray_env.connect(None, num_cpus=2)
         tokenize_corpus(TokenizeConfig(data=str(raw), output=str(tok_dir), tokenizer="byte", workers=1))
+    return texts, raw, tok_dir
+
+
+# ---------------------------------------------------------------------------------------------- (a)
+def bench_train(root: Path, args: argparse.Namespace) -> dict:
+    from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.trainer import run_training_loop
+
+    texts, raw, tok_dir = corpora(root)
     steps = 8 if args.quick else 40
     common = dict(tokenizer="byte", batch_size=16, seq_len=256, n_layer=2, n_embd=64, n_head=2,
                   update_every=5, steps=steps, eval_every=steps, log_every=steps, workers=1, strategy="rnb",
@@ -126,22 +132,14 @@ def bench_train(root: Path, args: argparse.Namespace) -> dict:
 def bench_datapath(root: Path, args: argparse.Namespace) -> dict:
     """The data path alone (no model): batches per second of ``next_batch`` from raw text (read, tokenize, pad)
     vs from token shards (pack), one worker, the same sampler seams the loop uses; interleaved."""
-    from rnb_ray import ray_env
     from rnb_ray.balance.config import TrainConfig
     from rnb_ray.balance.lm import load_tokenizer
-    from rnb_ray.balance.plan import ChunkReader, prepare_plan, worker_streams
+    from rnb_ray.balance.plan import SourceReader, prepare_plan, worker_streams
     from rnb_ray.balance.sampler import DomainSampler
     from rnb_ray.balance.step import next_batch
     from rnb_ray.balance.token_plan import prepare_token_plan, token_worker_data
-    from rnb_ray.tokens.config import TokenizeConfig
-    from rnb_ray.tokens.job import tokenize_corpus
 
-    texts, doms = short_documents(root)
-    raw = write_regrouped(root, texts, doms, repeat=1, row_group=256)
-    tok_dir = root / "tokens_train"
-    if not (tok_dir / "tokens.json").is_file():
-        ray_env.connect(None, num_cpus=2)
-        tokenize_corpus(TokenizeConfig(data=str(raw), output=str(tok_dir), tokenizer="byte", workers=1))
+    _texts, raw, tok_dir = corpora(root)
     tok = load_tokenizer(None, "byte")
     common = dict(output=str(root / "unused"), tokenizer="byte", batch_size=16, seq_len=256, workers=1)
     p = None
@@ -151,7 +149,7 @@ def bench_datapath(root: Path, args: argparse.Namespace) -> dict:
         if arm == "raw":
             plan = prepare_plan(cfg)
             samplers[arm] = lambda plan=plan: DomainSampler(
-                worker_streams(plan, 0, 1, 0, ChunkReader(plan.sources, plan.text_column)), seed=0)
+                worker_streams(plan, 0, 1, 0, SourceReader(plan)), seed=0)
         else:
             plan = prepare_token_plan(cfg)
             samplers[arm] = lambda plan=plan: DomainSampler(token_worker_data(plan, 0, 1, 0)[0], seed=0)
