@@ -89,7 +89,8 @@ def overhead(data: Path, root: Path, args) -> dict:
                   n_embd=args.n_embd, n_head=2, lr=1e-3)
     variants = [("static", {"strategy": "static", "static_weights": str(weights)}),
                 ("rnb", {"strategy": "rnb"}),
-                (f"rnb_sketch{args.sketch_dim}", {"strategy": "rnb", "sketch_dim": args.sketch_dim})]
+                (f"rnb_sketch{args.sketch_dim}", {"strategy": "rnb", "sketch_dim": args.sketch_dim,
+                                                       "sketch_kind": "gaussian"})]
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for rep in range(args.pairs):
         order = variants if rep % 2 == 0 else variants[::-1]  # ABC CBA ABC …: spreads machine-load drift
@@ -238,7 +239,8 @@ def sketch_study(model, batches, plan, args) -> dict:
     for k in args.sketch_dims:
         errs, l1s, secs, flops, dim = [], [], [], 0, 0
         for seed in range(args.sketch_seeds):
-            sk, t, f, cap = _capture_round(model, batches, modules, plan.m, sketch_dim=k, seed=seed)
+            sk, t, f, cap = _capture_round(model, batches, modules, plan.m, sketch_dim=k, seed=seed,
+                                           sketch_kind="gaussian")
             Gs = gram(sk)
             errs.append(gram_relative_error(G, Gs))
             ps, _ = rnb_mixture(Gs, q, 3.0)
@@ -442,11 +444,20 @@ def gpt2_summary(runs: dict) -> dict:
 def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     """Per round, p from the default capture (a sketch at this size) vs p from exact capture, on the same
     batches of one run (in process, 1 worker; batches drawn with the exact p). Sketches are linear, so the
-    sketch of a domain's exact sum is what the sketched capture accumulates; exact sums are held only for the
-    round's domains (slots) and the domains seen so far, so 256 domains fit in memory."""
+    sketch of a domain's exact sum is what the sketched capture accumulates (the capture's own hash/projection,
+    same seed); exact sums are held only for the round's domains (slots) and the domains seen so far, so 256
+    domains fit in memory. Alternatives measured alongside (not the default): the Gaussian sketch the budget
+    would pick with ``--sketch-kind gaussian`` (the previous default) and row hashes of other sizes."""
     from rnb_ray.balance.capture import layer_shapes
     from rnb_ray.balance.gram import expected_sketch_error
-    from rnb_ray.balance.sketch import choose_capture, make_layer_sketch, sketch_matrix
+    from rnb_ray.balance.sketch import (
+        choose_capture,
+        effective_dims,
+        make_layer_sketch,
+        make_row_hash,
+        row_hash_matrix,
+        sketch_matrix,
+    )
 
     data = domains_corpus(root, m)
     cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m), **GPT2)
@@ -459,22 +470,27 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                             seed=cfg.seed * 1009)
     modules = find_capture_modules(model, "head")
     (out_f, in_f), = layer_shapes(modules)
-    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20))
+    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
     if not choice.sketch_dim:
         return {"m": m, "capture": choice.as_dict(), "note": "default is exact: agreement 1 by construction"}
-    sk = make_layer_sketch(out_f, in_f, choice.sketch_dim, seed=cfg.seed * 1_000_003)  # the capture's own
-    k1, k2 = sk.r_out.shape[1], sk.r_in.shape[1]
+    seed0 = cfg.seed * 1_000_003  # the capture's own seed for its first layer
+    gauss = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind="gaussian")
+    sketches = {"default": (choice.kind, choice.sketch_dim), f"gaussian{gauss.sketch_dim}": ("gaussian", gauss.sketch_dim)}
+    for h in ROWHASH_BUCKETS:
+        if h != choice.sketch_dim and h < out_f:
+            sketches[f"rowhash{h}"] = ("rowhash", h)
+    maps = {}
+    for name, (kind, k) in sketches.items():
+        if kind == "rowhash":
+            rh = make_row_hash(out_f, in_f, k, seed=seed0)
+            maps[name] = (lambda g, rh=rh: row_hash_matrix(g, rh).double(), effective_dims([(out_f, in_f)], kind, k))
+        else:
+            sk = make_layer_sketch(out_f, in_f, k, seed=seed0)
+            maps[name] = (lambda g, sk=sk: sketch_matrix(g, sk).double(), effective_dims([(out_f, in_f)], kind, k))
     K, B = GPT2["update_every"], GPT2["batch_size"]
     cap = DomainGradCapture(modules, K * B)  # one slot per example of a round at most
     exact: dict[int, torch.Tensor] = {}
-    sketched = torch.zeros(m, k1 * k2, dtype=torch.float64)
-    # An alternative, measured here only: a count sketch of the head's rows (vocabulary → h buckets with random
-    # signs) and the input side kept exact — h × in numbers per domain. Linear too, so it is what a capture
-    # of that sketch would accumulate.
-    gen = torch.Generator().manual_seed(1)
-    rowhash = {h: (torch.randint(0, h, (out_f,), generator=gen), torch.randint(0, 2, (out_f,), generator=gen) * 2.0 - 1)
-               for h in ROWHASH_BUCKETS}
-    hashed: dict[int, dict[int, torch.Tensor]] = {h: {} for h in ROWHASH_BUCKETS}
+    sketched: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sketches}
     G = np.zeros((m, m))
     p = np.full(m, 1.0 / m)
     per_round = []
@@ -491,11 +507,8 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
             for d in doms:
                 mean = cap.sums[slot[d]] / float(cap.counts[slot[d]])
                 exact[d] = mean.clone()
-                sketched[d] = sketch_matrix(mean.view(out_f, in_f), sk).double()
-                for h, (bucket, sign) in rowhash.items():
-                    acc = torch.zeros(h, in_f)
-                    acc.index_add_(0, bucket, mean.view(out_f, in_f) * sign[:, None])
-                    hashed[h][d] = acc.reshape(-1)
+                for name, (fn, _) in maps.items():
+                    sketched[name][d] = fn(mean.view(out_f, in_f))
             cap.reset()
             seen = sorted(exact)
             ex = torch.stack([exact[j] for j in seen])  # G's rows of the round's domains, as the workers form them
@@ -504,26 +517,22 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                 G[d, seen] = rows[a]
                 G[seen, d] = rows[a]
             del ex
-            Gs = (sketched @ sketched.T).numpy()
             p_exact, _ = rnb_mixture(G, plan.q, 3.0)
-            p_sketch, _ = rnb_mixture(Gs, plan.q, 3.0)
-            alt = {}
-            for h in ROWHASH_BUCKETS:
-                Z = torch.stack([hashed[h][j] for j in seen]).double()
-                Gh = np.zeros((m, m))
-                Gh[np.ix_(seen, seen)] = (Z @ Z.T).numpy()
-                ph, _ = rnb_mixture(Gh, plan.q, 3.0)
-                alt[f"rowhash{h}"] = {"numbers_per_domain": h * in_f, "gram_rel_error": gram_relative_error(G, Gh),
-                                      "mixture_l1": float(np.abs(ph - p_exact).sum())}
+            res = {}
+            for name, (_, dims) in maps.items():
+                Z = torch.stack([sketched[name][j] for j in seen])
+                Gs = np.zeros((m, m))
+                Gs[np.ix_(seen, seen)] = (Z @ Z.T).numpy()
+                ps, _ = rnb_mixture(Gs, plan.q, 3.0)
+                res[name] = {"mixture_l1": float(np.abs(ps - p_exact).sum()), "gram_rel_error": gram_relative_error(G, Gs),
+                             "expected_gram_rel_error": expected_sketch_error(Gs, dims),
+                             "numbers_per_domain": int(Z.shape[1])}
             per_round.append({"round": r, "domains_in_round": len(doms), "domains_seen": len(seen),
-                              "mixture_l1": float(np.abs(p_sketch - p_exact).sum()),
-                              "gram_rel_error": gram_relative_error(G, Gs),
-                              "expected_gram_rel_error": expected_sketch_error(Gs, [(k1, k2)]),
-                              "alternatives": alt})
-            print(f"  alternatives: {alt}", flush=True)
-            print(f"  m={m} round {r}: |p_sketch - p_exact|_1 {per_round[-1]['mixture_l1']:.4f}, Gram error "
-                  f"{per_round[-1]['gram_rel_error']:.3f} (expected {per_round[-1]['expected_gram_rel_error']:.3f})",
-                  flush=True)
+                              **{k: res["default"][k] for k in ("mixture_l1", "gram_rel_error", "expected_gram_rel_error")},
+                              "alternatives": {k: v for k, v in res.items() if k != "default"}})
+            print(f"  m={m} round {r}: " + ", ".join(f"{k} |p - p_exact|_1 {v['mixture_l1']:.4f} (Gram error "
+                                                        f"{v['gram_rel_error']:.3f}, expected {v['expected_gram_rel_error']:.3f})"
+                                                        for k, v in res.items()), flush=True)
             p = p_exact
     finally:
         cap.remove()
@@ -533,7 +542,8 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                  for name in per_round[0]["alternatives"]}
     return {"m": m, "capture": choice.as_dict(), "rounds": per_round, "alternatives": alt_means,
             "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
-            "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round]))}
+            "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round])),
+            "mean_expected_gram_rel_error": float(np.mean([x["expected_gram_rel_error"] or 0 for x in per_round]))}
 
 
 def gpt2_table(res: dict) -> list[dict]:
@@ -544,13 +554,14 @@ def gpt2_table(res: dict) -> list[dict]:
         rows.append({"metric": f"GPT-2 small {key}: rnb loop time / stratified", "ratio": lt["median"],
                      "note": f"{lt['n']} interleaved pairs ({lt['min']:.3f}–{lt['max']:.3f}); capture/reduce/mixer "
                              f"inside the rnb run {100 * at['median']:.2f}% of its step time; {cap.get('mode')} "
-                             f"{cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
+                             f"{cap.get('kind') or ''} {cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
                              f"peak RSS {r['peak_rss_mb_rnb']:.0f} vs {r['peak_rss_mb_stratified']:.0f} MB"})
     for a in res.get("agreement", []):
         if "mean_mixture_l1" in a:
             rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
                          "value": a["mean_mixture_l1"],
-                         "note": f"sketch {a['capture']['sketch_dim']}, Gram error {a['mean_gram_rel_error']:.3f}; "
+                         "note": f"{a['capture'].get('kind', 'gaussian')} sketch {a['capture']['sketch_dim']}, Gram "
+                                 f"error {a['mean_gram_rel_error']:.3f}; "
                                  f"{len(a['rounds'])} rounds; target ≤ 0.01"})
             for name, alt in a.get("alternatives", {}).items():
                 rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_{name} − p_exact|₁ per round",

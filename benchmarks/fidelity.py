@@ -166,13 +166,14 @@ class Settings:
     rnb_options: tuple = ()
     capture: str = "head"
     sketch_dim: int = 0
+    sketch_kind: str = "gaussian"  # the kind the investigation's sketch4096 variant measured
 
     def train_args(self) -> dict[str, Any]:
         return dict(steps=self.steps, batch_size=self.batch_size, workers=self.workers, seq_len=self.seq_len,
                     n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, lr=self.lr,
                     warmup_steps=self.warmup_steps, update_every=self.update_every, eval_every=self.steps,
                     log_every=self.update_every, eval_max_per_domain=self.val_per_category, lam=self.lam,
-                    capture=self.capture, sketch_dim=self.sketch_dim)
+                    capture=self.capture, sketch_dim=self.sketch_dim, sketch_kind=self.sketch_kind)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -359,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-every", type=int, default=None)
     ap.add_argument("--lam", type=float, default=None, help="R&B λ")
     ap.add_argument("--capture", default=None, help="R&B parameter subset (head, last_block, ...)")
-    ap.add_argument("--sketch-dim", type=int, default=None, help="random-projection sketch size (0: exact)")
+    ap.add_argument("--sketch-dim", type=int, default=None, help="sketch size (0: exact)")
+    ap.add_argument("--sketch-kind", default=None, choices=["gaussian", "rowhash"],
+                    help="sketch kind for --sketch-dim (default gaussian, as the investigation measured)")
     ap.add_argument("--k", default="", help="regrouped k, or comma-separated candidates picked by silhouette "
                     "(default 10,20,40; quick: 20)")
     ap.add_argument("--options", default="{}", help='JSON {strategy: {option: value}}, e.g. {"dga": {"eta": 0.5}}')
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         s = Settings(steps=80, update_every=10, warmup_steps=10)
     over = {k: v for k, v in {"steps": args.steps, "update_every": args.update_every, "lam": args.lam,
-                              "capture": args.capture, "sketch_dim": args.sketch_dim}.items()
+                              "capture": args.capture, "sketch_dim": args.sketch_dim,
+                              "sketch_kind": args.sketch_kind}.items()
             if v is not None}
     if over:
         s = Settings(**(s.__dict__ | over))

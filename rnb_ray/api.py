@@ -111,8 +111,9 @@ class GradientCapture:
     ``layers``: ``"head"`` (the output embedding of a Hugging Face model, else the last linear layer),
     ``"last_block"`` (the linear layers of the last block of the longest ``nn.ModuleList``),
     ``"head+last_block"``, or comma-separated module names (``nn.Linear`` or GPT-2's ``Conv1D``).
-    ``sketch_dim > 0`` keeps a random-projection sketch of each layer's per-domain gradient instead of the
-    exact sum (for large heads; see ``balance/sketch.py``). Create it *before* wrapping the model in DDP.
+    ``sketch_dim > 0`` keeps a sketch of each layer's per-domain gradient instead of the exact sum (for large
+    heads; see ``balance/sketch.py``): ``sketch_kind="rowhash"`` hashes the layer's rows into ``sketch_dim``
+    buckets (``sketch_dim``·in numbers), ``"gaussian"`` projects both sides (``sketch_dim`` numbers). Create it *before* wrapping the model in DDP.
 
     Per step: ``with capture.batch(domains, token_mask):`` around the forward and backward of a batch whose
     examples belong to ``domains`` (B,). Per round: ``take()`` → (sums (m, D) float32, counts (m,)) and reset.
@@ -135,7 +136,7 @@ class GradientCapture:
     """
 
     def __init__(self, model: nn.Module, num_domains: int, layers: str = "head", *, sketch_dim: int = 0,
-                 seed: int = 0, device: torch.device | str | None = None):
+                 sketch_kind: str = "rowhash", seed: int = 0, device: torch.device | str | None = None):
         if num_domains < 1:
             raise RnbError(f"num_domains is {num_domains}", where="GradientCapture", fix="give at least 1 domain")
         try:
@@ -146,9 +147,11 @@ class GradientCapture:
         if device is None:
             device = next(iter(modules.values())).weight.device
         try:
-            self._capture = DomainGradCapture(modules, num_domains, sketch_dim=sketch_dim, seed=seed, device=device)
+            self._capture = DomainGradCapture(modules, num_domains, sketch_dim=sketch_dim, seed=seed, device=device,
+                                              sketch_kind=sketch_kind)
         except ValueError as e:
-            raise RnbError(str(e), where="GradientCapture", fix="capture each layer once") from e
+            fix = "use sketch_kind='rowhash' or 'gaussian'" if "sketch kind" in str(e) else "capture each layer once"
+            raise RnbError(str(e), where="GradientCapture", fix=fix) from e
 
     @property
     def num_domains(self) -> int:

@@ -22,9 +22,11 @@ Loss convention (``lm.per_example_loss``): batch loss = mean over examples of th
 loss. The output gradient then carries a factor 1/B, so ``begin(..., scale=B)`` turns the captured sums
 into sums of per-example gradients; dividing by the example counts gives domain-mean gradients ḡ_d.
 
-With ``sketch_dim > 0`` each layer's per-domain gradient is stored as its sketch (``balance.sketch``):
-(Δ_d R₁)ᵀ(H_d R₂), k₁·k₂ ≤ sketch_dim numbers per layer and domain. That is a different product, formed
-in the same backward on the positions that carry gradient, in addition to the ordinary weight gradient.
+With ``sketch_dim > 0`` each layer's per-domain gradient is stored as its sketch (``balance.sketch``),
+formed in the same backward in addition to the ordinary weight gradient (which is then one GEMM, not split
+by domain): ``sketch_kind="rowhash"`` (default) hashes the layer's output rows into b = ``sketch_dim`` buckets,
+(Δ_d Cᵀ)ᵀH_d, b·in numbers per layer and domain (a layer with out ≤ b is kept exact); ``"gaussian"`` stores
+(Δ_d R₁)ᵀ(H_d R₂), k₁·k₂ ≤ sketch_dim numbers.
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rnb_ray.balance.sketch import LayerSketch, make_layer_sketch, sketch_flops
+from rnb_ray.balance.sketch import (
+    SKETCH_KINDS,
+    LayerSketch,
+    RowHash,
+    hash_rows,
+    make_layer_sketch,
+    make_row_hash,
+    row_hash_flops,
+    sketch_flops,
+)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -126,7 +137,7 @@ class _Layer:
     transposed: bool  # Conv1D: the parameter is stored (in, out)
     offset: int
     size: int
-    sketch: LayerSketch | None
+    sketch: LayerSketch | RowHash | None
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ class _Batch:
     segments: list[tuple[int, int, int]]  # (domain or -1 for eval, start, end) over the (permuted) rows
     pos: torch.Tensor | None  # sketch only: positions carrying gradient, ordered by domain
     pos_segments: list[tuple[int, int, int]]  # sketch only: (domain, start, end) over pos
+    pos_all: bool = False  # sketch only: pos is every row in order (no gather needed)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -194,8 +206,11 @@ class DomainGradCapture:
     """
 
     def __init__(self, modules: dict[str, nn.Module], num_domains: int, *, sketch_dim: int = 0,
-                 seed: int = 0, device: torch.device | str = "cpu"):
+                 seed: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "rowhash"):
+        if sketch_kind not in SKETCH_KINDS:
+            raise ValueError(f"unknown sketch kind {sketch_kind!r}: choose from {', '.join(SKETCH_KINDS)}")
         self.num_domains = num_domains
+        self.sketch_kind = sketch_kind
         self.device = torch.device(device)
         self.layers: list[_Layer] = []
         offset = 0
@@ -207,8 +222,11 @@ class DomainGradCapture:
             w = mod.weight
             transposed = _is_conv1d(mod)
             out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
-            sk = None
-            if sketch_dim > 0:
+            sk: LayerSketch | RowHash | None = None
+            if sketch_dim > 0 and sketch_kind == "rowhash" and sketch_dim < out_f:
+                sk = make_row_hash(out_f, in_f, sketch_dim, seed=seed * 1_000_003 + i).to(self.device)
+                size = sk.dim
+            elif sketch_dim > 0 and sketch_kind == "gaussian":
                 sk = make_layer_sketch(out_f, in_f, sketch_dim, seed=seed * 1_000_003 + i).to(self.device)
                 size = sk.dim
             else:
@@ -303,7 +321,10 @@ class DomainGradCapture:
             pos_segments = list(zip(d_u.tolist() if target == "train" else [-1] * len(ends),
                                     [0, *ends[:-1]], ends, strict=True))
             pos = rows.to(self.device)
-        self._batch = _Batch(B * T, float(scale), target, row_perm, segments, pos, pos_segments)
+            pos_all = bool(keep.all()) and bool((ex_order == torch.arange(B)).all())
+        else:
+            pos_all = False
+        self._batch = _Batch(B * T, float(scale), target, row_perm, segments, pos, pos_segments, pos_all)
         self.seconds += time.perf_counter() - t0
 
     def end(self) -> None:
@@ -350,11 +371,19 @@ class DomainGradCapture:
         grad = x2.T @ g2 if layer.transposed else g2.T @ x2  # the ordinary weight gradient
         t0 = time.perf_counter()
         with torch.no_grad():
-            pos = batch.pos
-            assert pos is not None and layer.sketch is not None
-            D, H = g2.index_select(0, pos).float(), x2.index_select(0, pos).float()
-            DR, HR = D @ layer.sketch.r_out, H @ layer.sketch.r_in  # project every token once
-            self.flops += sketch_flops(int(pos.numel()), layer.out_features, layer.in_features, layer.sketch)
+            pos, sk = batch.pos, layer.sketch
+            assert pos is not None and sk is not None
+            if isinstance(sk, RowHash):
+                # Hash every row once (one pass over Δ), then keep the positions carrying gradient (small).
+                DR = hash_rows(g2.float(), sk)
+                HR = x2.float()
+                if not batch.pos_all:
+                    DR, HR = DR.index_select(0, pos), HR.index_select(0, pos)
+                self.flops += row_hash_flops(int(pos.numel()), layer.out_features, sk, hashed_rows=g2.shape[0])
+            else:
+                D, H = g2.index_select(0, pos).float(), x2.index_select(0, pos).float()
+                DR, HR = D @ sk.r_out, H @ sk.r_in  # project every token once
+                self.flops += sketch_flops(int(pos.numel()), layer.out_features, layer.in_features, sk)
             for d, s, e in batch.pos_segments:
                 if e == s:
                     continue

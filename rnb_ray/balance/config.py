@@ -67,11 +67,15 @@ class TrainConfig:
     n_head: int = field(default=2, metadata={"help": "tiny model: attention heads"})
     n_embd: int = field(default=64, metadata={"help": "tiny model: hidden size"})
     capture: str = field(default="head", metadata={"help": "parameter subset for per-domain gradients: head, last_block, head+last_block, or module names (comma-separated)"})
-    sketch_dim: int = field(default=-1, metadata={"help": "random-projection sketch size per captured layer (-1: "
-                                                  "chosen from --capture-budget-mb; 0: exact gradients)"})
-    capture_budget_mb: float = field(default=4096.0, metadata={"help": "per-worker memory for a round's per-domain "
+    sketch_dim: int = field(default=-1, metadata={"help": "sketch size per captured layer (-1: chosen from "
+                                                  "--capture-budget-mb; 0: exact gradients); rowhash: buckets (b·in "
+                                                  "numbers a layer), gaussian: k1·k2 numbers a layer"})
+    sketch_kind: Literal["rowhash", "gaussian"] = field(default="rowhash", metadata={
+        "help": "sketch of the per-domain gradients when not exact: rowhash (count sketch of the layer's rows, "
+                "input side exact; tracks exact capture closely) or gaussian (random projection of both sides)"})
+    capture_budget_mb: float = field(default=512.0, metadata={"help": "per-worker memory for a round's per-domain "
                                      "gradients (sums + this worker's share of the estimates, float32): exact capture "
-                                     "when it fits, else the largest sketch (≤ 4096) that does"})
+                                     "when it fits, else the largest sketch (rowhash: ≤ 1024 buckets) that does"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (a multiple of update_every; 0: only at the end)"})
     max_failures: int = field(default=0, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
     round_timeout_s: float = field(default=300.0, metadata={"help": "seconds a worker waits for a mixing round before failing"})

@@ -99,17 +99,20 @@ def gram_terms_dense(means: np.ndarray, previous: np.ndarray | None = None,
     return out
 
 
-def expected_sketch_error(gram: np.ndarray, shapes: list[tuple[int, int]]) -> float | None:
-    """Expected ‖G̃ − G‖_F / ‖G‖_F of a Kronecker Gaussian sketch with k₁ × k₂ per layer (``shapes``).
+def expected_sketch_error(gram: np.ndarray, dims: list[float]) -> float | None:
+    """Expected ‖G̃ − G‖_F / ‖G‖_F of a sketch with effective dimension ``dims`` per layer
+    (``sketch.effective_dims``: a row hash's bucket count, a Kronecker Gaussian's 1/(1/k₁ + 1/k₂ + 1/(k₁k₂));
+    inf for a layer kept exact).
 
-    For a Gaussian projection to k dimensions Var(G̃_ij) = (G_ij² + G_ii G_jj)/k, so
-    E‖G̃ − G‖²_F / ‖G‖²_F = (1 + (tr G)²/‖G‖²_F)/k. A Kronecker sketch R₂ ⊗ R₁ is no better than its worse
-    side on low-rank gradients ((1 + 2/k₁)(1 + 2/k₂) − 1 for a rank-one matrix), so k is taken as
-    1/(1/k₁ + 1/k₂ + 1/(k₁k₂)) of the smallest layer — a conservative plug-in estimate on the sketched G
-    (the benchmark measures the actual error against exact capture). None when G is zero."""
+    For a Gaussian projection to k dimensions Var(G̃_ij) = (G_ij² + G_ii G_jj)/k, and a count sketch's variance
+    is at most that, so E‖G̃ − G‖²_F / ‖G‖²_F ≤ (1 + (tr G)²/‖G‖²_F)/k, with k the smallest layer's — a
+    conservative plug-in estimate on the sketched G (the benchmark measures the actual error against exact
+    capture). None when G is zero."""
     G = np.asarray(gram, dtype=np.float64)
     fro2 = float((G * G).sum())
-    if not shapes or fro2 == 0.0 or not np.isfinite(fro2):
+    if not dims or fro2 == 0.0 or not np.isfinite(fro2):
         return None
-    k = min(1.0 / (1.0 / k1 + 1.0 / k2 + 1.0 / (k1 * k2)) for k1, k2 in shapes)
+    k = min(float(d) for d in dims)
+    if not np.isfinite(k):
+        return 0.0
     return float(np.sqrt((1.0 + float(np.trace(G)) ** 2 / fro2) / k))

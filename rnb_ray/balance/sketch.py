@@ -1,6 +1,20 @@
-"""Random-projection sketches of per-domain linear-layer gradients (pure torch: no Ray, no IO).
+"""Sketches of per-domain linear-layer gradients (pure torch: no Ray, no IO).
 
-For a linear layer s = aWᵀ (W: out × in) the gradient of a set of tokens is ΔᵀH (Δ: n × out output
+Two kinds, both linear maps of vec(W) that preserve inner products in expectation, so sums of sketches are
+sketches of sums (they add across steps and workers) and G_ij = ⟨g_i, g_j⟩ is estimated without bias.
+
+**Row hash** (``kind="rowhash"``, the default): a count sketch of the weight's *rows* (for an LM head: the
+vocabulary) into b buckets with random signs, the input side kept exact,
+
+    S(ΔᵀH) = (Δ Cᵀ)ᵀ H,   C (b × out): C[h(v), v] = s(v) ∈ {±1}      (b × in numbers)
+
+Hashing Δ costs one pass over it (an ``index_add`` into 2b columns: the signs are folded into the bucket
+index), and the rest is a b × n × in GEMM — no projection of the big side. Heavy rows (the tokens that
+occur as targets carry most of a head's gradient) are kept whole, only colliding with others, which is why
+it tracks exact capture far better than a Gaussian sketch of the same size (``benchmarks/balance_overhead.py``:
+mixture L1 ≈ 0.002–0.011 vs 0.02–0.08). Var(⟨Sx, Sy⟩) ≤ (‖x‖²‖y‖² + ⟨x, y⟩²)/b.
+
+**Gaussian** (``kind="gaussian"``): for a linear layer s = aWᵀ (W: out × in) the gradient of a set of tokens is ΔᵀH (Δ: n × out output
 gradients, H: n × in inputs). Its sketch is
 
     S(ΔᵀH) = R₁ᵀ (ΔᵀH) R₂ = (Δ R₁)ᵀ (H R₂)        (k₁ × k₂, never forming the out × in matrix)
@@ -19,6 +33,52 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+SKETCH_KINDS = ("rowhash", "gaussian")
+
+
+@dataclass(frozen=True)
+class RowHash:
+    """A count sketch of a layer's rows: row v goes to bucket h(v) with sign s(v). ``index`` folds the sign
+    into the bucket (h(v) + b·[s(v) < 0]) so one ``index_add`` over 2b columns hashes Δ."""
+
+    index: torch.Tensor  # (out,) int64 in [0, 2b)
+    buckets: int
+    in_features: int
+
+    @property
+    def dim(self) -> int:
+        return self.buckets * self.in_features
+
+    def to(self, device: torch.device | str) -> RowHash:
+        return RowHash(self.index.to(device), self.buckets, self.in_features)
+
+
+def make_row_hash(out_features: int, in_features: int, buckets: int, seed: int) -> RowHash:
+    """The hash for one layer, identical on every worker for the same seed (``buckets`` ≤ out_features)."""
+    if not 1 <= buckets <= out_features:
+        raise ValueError(f"a row-hash sketch needs 1 <= buckets <= {out_features} (the layer's rows), got {buckets}")
+    gen = torch.Generator().manual_seed(int(seed))
+    bucket = torch.randint(0, buckets, (out_features,), generator=gen)
+    negative = torch.randint(0, 2, (out_features,), generator=gen)
+    return RowHash(bucket + buckets * negative, buckets, in_features)
+
+
+def hash_rows(delta: torch.Tensor, rh: RowHash) -> torch.Tensor:
+    """Δ Cᵀ: (n, out) → (n, b), each row's entries added into its bucket with its sign."""
+    two = torch.zeros(delta.shape[0], 2 * rh.buckets, dtype=delta.dtype, device=delta.device)
+    two.index_add_(1, rh.index, delta)
+    return two[:, : rh.buckets] - two[:, rh.buckets:]
+
+
+def row_hash_matrix(grad: torch.Tensor, rh: RowHash) -> torch.Tensor:
+    """S of an already formed (out × in) gradient: C g, flattened (b·in,)."""
+    return hash_rows(grad.T, rh).T.reshape(-1)
+
+
+def row_hash_flops(n_tokens: int, out_features: int, rh: RowHash, hashed_rows: int | None = None) -> int:
+    """Hashing ``hashed_rows`` rows of Δ (default: the tokens) plus the b × n × in GEMM over ``n_tokens``."""
+    return (n_tokens if hashed_rows is None else hashed_rows) * out_features + 2 * n_tokens * rh.buckets * rh.in_features
 
 
 def sketch_shape(out_features: int, in_features: int, k: int) -> tuple[int, int]:
@@ -73,35 +133,63 @@ def gram_relative_error(exact: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(approx, dtype=np.float64) - exact) / np.linalg.norm(exact))
 
 
-# Largest sketch the automatic choice picks: the projections cost 2·tokens·(out·k₁ + in·k₂) a step, which
-# grows with √k (at a 30,522 × 768 head, k = 4096 is ≈ 0.5 % of a 124 M model's training FLOPs).
+# The automatic choice. Gaussian: the projections cost 2·tokens·(out·k₁ + in·k₂) a step, which grows with √k
+# (at a 30,522 × 768 head, k = 4096 is ≈ 0.5 % of a 124 M model's training FLOPs). Row hash: one pass over Δ
+# plus 2·tokens·b·in a step (b = 1024 at a 768-wide head: ≈ 0.2 % of a 124 M model's step).
 AUTO_MAX_SKETCH = 4096
 AUTO_MIN_SKETCH = 256
+AUTO_MAX_BUCKETS = 1024
+AUTO_MIN_BUCKETS = 64
+
+
+def layer_dims(shapes: list[tuple[int, int]], kind: str, size: int) -> list[int]:
+    """Numbers per domain of each layer's sketch: Gaussian ``size`` = k₁·k₂ per layer; row hash ``size`` = buckets
+    (min(b, out) · in)."""
+    if kind == "rowhash":
+        return [min(size, o) * i for o, i in shapes]
+    return [sketch_shape(o, i, size)[0] * sketch_shape(o, i, size)[1] for o, i in shapes]
+
+
+def effective_dims(shapes: list[tuple[int, int]], kind: str, size: int) -> list[float]:
+    """Per layer, the k of the error estimate (``gram.expected_sketch_error``): a row hash's is its bucket count
+    (the input side is exact; a layer with b ≥ out is kept exact: inf), a Kronecker Gaussian's is
+    1/(1/k₁ + 1/k₂ + 1/(k₁k₂)) (no better than its worse side on low-rank gradients)."""
+    if kind == "rowhash":
+        return [float(size) if size < o else float("inf") for o, _ in shapes]
+    out = []
+    for o, i in shapes:
+        k1, k2 = sketch_shape(o, i, size)
+        out.append(1.0 / (1.0 / k1 + 1.0 / k2 + 1.0 / (k1 * k2)))
+    return out
 
 
 @dataclass(frozen=True)
 class CaptureChoice:
     """Exact or sketched capture, and why (recorded in ``result.json`` as ``capture``)."""
 
-    sketch_dim: int  # 0: exact
+    sketch_dim: int  # 0: exact; else the sketch size (row hash: buckets; Gaussian: k₁·k₂ per layer)
     numbers_per_domain: int
     bytes_per_worker: int  # per-domain sums + this worker's share of the estimates, float32
     budget_bytes: int
     reason: str
+    kind: str = "rowhash"
 
     def as_dict(self) -> dict:
-        return {"mode": "sketch" if self.sketch_dim else "exact", "sketch_dim": self.sketch_dim,
-                "numbers_per_domain": self.numbers_per_domain, "bytes_per_worker": self.bytes_per_worker,
-                "budget_mb": self.budget_bytes / 2**20, "reason": self.reason}
+        return {"mode": "sketch" if self.sketch_dim else "exact", "kind": self.kind if self.sketch_dim else None,
+                "sketch_dim": self.sketch_dim, "numbers_per_domain": self.numbers_per_domain,
+                "bytes_per_worker": self.bytes_per_worker, "budget_mb": self.budget_bytes / 2**20, "reason": self.reason}
 
 
 def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_bytes: int,
-                   requested: int = -1) -> CaptureChoice:
-    """Exact capture when the per-domain state fits the budget, else the largest power-of-two sketch that
-    fits (at most ``AUTO_MAX_SKETCH``); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
+                   requested: int = -1, kind: str = "rowhash") -> CaptureChoice:
+    """Exact capture when the per-domain state fits the budget, else the largest power-of-two sketch of
+    ``kind`` that fits (row hash: ≤ ``AUTO_MAX_BUCKETS`` buckets; Gaussian: ≤ ``AUTO_MAX_SKETCH`` numbers a
+    layer; never below the minimum, even over budget); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
 
     A worker holds the m × D sums it accumulates over a round and its 1/W of the m × D estimates (the
     reduce-scatter's output), both float32: 4·m·D·(1 + 1/W) bytes; the collectives move about that much too."""
+    if kind not in SKETCH_KINDS:
+        raise ValueError(f"unknown sketch kind {kind!r}: choose from {', '.join(SKETCH_KINDS)}")
     per = 1.0 + 1.0 / world
 
     def nbytes(d: int) -> int:
@@ -109,16 +197,19 @@ def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_byt
 
     exact = sum(o * i for o, i in shapes)
     if requested == 0:
-        return CaptureChoice(0, exact, nbytes(exact), budget_bytes, "--sketch-dim 0: exact")
+        return CaptureChoice(0, exact, nbytes(exact), budget_bytes, "--sketch-dim 0: exact", kind)
     if requested > 0:
-        d = sum(sketch_shape(o, i, requested)[0] * sketch_shape(o, i, requested)[1] for o, i in shapes)
-        return CaptureChoice(requested, d, nbytes(d), budget_bytes, f"--sketch-dim {requested}")
+        d = sum(layer_dims(shapes, kind, requested))
+        return CaptureChoice(requested, d, nbytes(d), budget_bytes, f"--sketch-dim {requested} ({kind})", kind)
     if nbytes(exact) <= budget_bytes:
         return CaptureChoice(0, exact, nbytes(exact), budget_bytes,
-                             f"exact sums ({nbytes(exact) / 2**20:.1f} MB) fit the budget")
-    k = AUTO_MAX_SKETCH
-    while k > AUTO_MIN_SKETCH and nbytes(k * len(shapes)) > budget_bytes:
+                             f"exact sums ({nbytes(exact) / 2**20:.1f} MB) fit the budget", kind)
+    hi, lo = (AUTO_MAX_BUCKETS, AUTO_MIN_BUCKETS) if kind == "rowhash" else (AUTO_MAX_SKETCH, AUTO_MIN_SKETCH)
+    k = hi
+    while k > lo and nbytes(sum(layer_dims(shapes, kind, k))) > budget_bytes:
         k //= 2
-    d = sum(sketch_shape(o, i, k)[0] * sketch_shape(o, i, k)[1] for o, i in shapes)
+    d = sum(layer_dims(shapes, kind, k))
+    what = f"{kind} sketch, {k} buckets" if kind == "rowhash" else f"{kind} sketch {k}"
     return CaptureChoice(k, d, nbytes(d), budget_bytes,
-                         f"exact sums ({nbytes(exact) / 2**20:.0f} MB) exceed the budget: sketch {k}")
+                         f"exact sums ({nbytes(exact) / 2**20:.1f} MB) exceed the budget: {what} "
+                         f"({nbytes(d) / 2**20:.1f} MB)", kind)

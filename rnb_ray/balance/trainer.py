@@ -38,7 +38,7 @@ from rnb_ray.balance.round_reduce import RoundReducer
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
-from rnb_ray.balance.sketch import CaptureChoice, choose_capture, sketch_shape
+from rnb_ray.balance.sketch import CaptureChoice, choose_capture, effective_dims
 from rnb_ray.balance.step import (
     Batch,
     dump_batch,
@@ -115,12 +115,14 @@ class Trainer:
             raise RnbError(f"bad --capture {cfg.capture!r}: {e}", where="--capture",
                            fix="use head, last_block, head+last_block or linear module names") from e
         shapes = layer_shapes(modules)
-        self.choice = choose_capture(shapes, m, self.rt.world, int(cfg.capture_budget_mb * 2**20), cfg.sketch_dim)
+        self.choice = choose_capture(shapes, m, self.rt.world, int(cfg.capture_budget_mb * 2**20), cfg.sketch_dim,
+                                     cfg.sketch_kind)
         k = self.choice.sketch_dim
-        self.sketch_shapes = [sketch_shape(o, i, k) for o, i in shapes] if k else []
+        self.sketch_dims = effective_dims(shapes, cfg.sketch_kind, k) if k else []
         if self.rt.rank == 0 and self.needs.train_grads:
             log.info("per-domain gradients: %s", self.choice.reason)
-        return DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device)
+        return DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device,
+                                 sketch_kind=cfg.sketch_kind)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -221,7 +223,7 @@ class Trainer:
             if self.rt.rank == 0:  # every worker holds the same terms; the mixer reads rank 0's
                 payload.update(terms)
                 if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
-                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_shapes)
+                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_dims)
         self.round_terms = {"sketch_gram_rel_error": payload.get("sketch_error"),
                             "bytes_to_mixer": _nbytes(payload),
                             "bytes_collective": self.reducer.bytes_collective if self.reducer is not None else 0}

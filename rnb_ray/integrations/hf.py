@@ -181,13 +181,14 @@ class RnbCallback(TrainerCallback):
 
     ``model``: the model given to the ``Trainer`` (before it wraps it). ``dataset``: the
     ``DomainMixtureDataset`` given as ``train_dataset``. ``update_every``: optimizer steps per round (K).
-    ``layers``/``sketch_dim``: what ``GradientCapture`` captures. ``mixer``: a ``DomainMixer`` (default: one in
+    ``layers``/``sketch_dim``/``sketch_kind``: what ``GradientCapture`` captures. ``mixer``: a ``DomainMixer`` (default: one in
     this process, ``strategy``/``lam``/``floor``/``q``, writing into ``run_dir``, default
     ``<output_dir>/rnb``). ``last_round`` holds the last round's ``{"step", "sums", "counts", "mixture"}``.
     """
 
     def __init__(self, model: nn.Module, dataset: DomainMixtureDataset, *, update_every: int = 10,
-                 layers: str = "head", sketch_dim: int = 0, mixer: DomainMixer | None = None,
+                 layers: str = "head", sketch_dim: int = 0, sketch_kind: str = "rowhash",
+                 mixer: DomainMixer | None = None,
                  run_dir: str | Path | None = None, strategy: str = "rnb", lam: float = 3.0,
                  floor: float = 0.0, q: list[float] | None = None, seed: int = 0):
         if not isinstance(dataset, DomainMixtureDataset):
@@ -196,7 +197,8 @@ class RnbCallback(TrainerCallback):
         if update_every < 1:
             raise RnbError(f"update_every is {update_every}", where="RnbCallback", fix="use K >= 1")
         self.dataset, self.update_every = dataset, int(update_every)
-        self.capture = GradientCapture(model, len(dataset.domains), layers, sketch_dim=sketch_dim, seed=seed)
+        self.capture = GradientCapture(model, len(dataset.domains), layers, sketch_dim=sketch_dim,
+                                       sketch_kind=sketch_kind, seed=seed)
         self._sketch = sketch_dim > 0
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.mixer = mixer

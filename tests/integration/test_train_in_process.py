@@ -70,3 +70,34 @@ def test_streams_resume_mid_block_onto_the_same_trajectory(sample_corpus, tmp_pa
     assert any(s["offset"] not in (0, 3) or s["row"] > 0 for s in streams)  # stopped inside a block / a unit
     run_training_loop(TrainConfig(output=str(half), **common).validate())
     assert rows(half) == rows(straight)  # losses are those of the same examples
+
+
+def test_default_capture_sketches_a_head_over_budget_and_tracks_exact(sample_corpus, tmp_path):
+    """When exact per-domain sums exceed --capture-budget-mb the default capture is the row hash: the run says so
+    in result.json, reports the sketch's expected Gram error per round, and its first mixing round gives a
+    mixture close to exact capture's on the same batches (the first round samples with the same uniform p)."""
+    t = pq.read_table(sample_corpus)
+    t = t.filter(pc.is_in(t["source"], value_set=pa.array(["asyncio", "decimal", "email", "logging"])))
+    data = tmp_path / "corpus.parquet"
+    pq.write_table(t.append_column("domain", t["source"]), data)
+    # The byte tokenizer's 259-row head, 32 wide: exact sums are 4 × 8,288 floats ≈ 0.25 MB (with the estimates)
+    common = dict(data=str(data), tokenizer="byte", batch_size=8, seq_len=32, n_layer=1, n_embd=32, n_head=2,
+                  update_every=4, steps=4, eval_every=4, log_every=4, workers=1, strategy="rnb", lam=10.0)
+    runs = {}
+    for name, extra in {"exact": {"sketch_dim": 0}, "auto": {"capture_budget_mb": 0.05}}.items():
+        run = tmp_path / name
+        run_training_loop(TrainConfig(output=str(run), **common, **extra).validate(), records=True)
+        runs[name] = (json.loads((run / "result.json").read_text()),
+                      [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()])
+    (exact, exact_rows), (auto, auto_rows) = runs["exact"], runs["auto"]
+    assert exact["capture"]["mode"] == "exact" and exact_rows[-1]["sketch_gram_rel_error"] is None
+    cap = auto["capture"]
+    assert cap["mode"] == "sketch" and cap["kind"] == "rowhash" and cap["numbers_per_domain"] == cap["sketch_dim"] * 32
+    assert "exceed the budget" in cap["reason"]
+    err = auto_rows[-1]["sketch_gram_rel_error"]
+    assert err is not None and 0 < err < 1
+    p_exact, p_auto = (list(r[-1]["mixture"].values()) if isinstance(r[-1]["mixture"], dict) else r[-1]["mixture"]
+                       for r in (exact_rows, auto_rows))
+    l1 = sum(abs(a - b) for a, b in zip(p_exact, p_auto, strict=True))
+    assert max(p_exact) - min(p_exact) > 0.02  # the round moved p, so agreement is not trivial
+    assert l1 < 0.5 * sum(abs(a - 0.25) for a in p_exact), (p_exact, p_auto)

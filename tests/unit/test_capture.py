@@ -8,7 +8,7 @@ import torch
 
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules
 from rnb_ray.balance.lm import build_model, grad_token_mask, per_example_loss
-from rnb_ray.balance.sketch import sketch_matrix
+from rnb_ray.balance.sketch import RowHash, row_hash_matrix, sketch_matrix
 
 VOCAB, SEQ = 101, 12
 
@@ -67,15 +67,40 @@ def test_capture_equals_per_domain_autograd(model, spec):
     assert means.abs().max() > 1e-3  # not trivially zero
 
 
-def test_sketched_capture_equals_sketch_of_autograd(model):
+@pytest.mark.parametrize("kind", ["gaussian", "rowhash"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_sketched_capture_equals_sketch_of_autograd(model, kind, padded):
     ids, mask, domains = _batch(1)
+    if not padded:  # every position carries gradient and the batch is domain-sorted: the row hash skips its gather
+        mask = torch.ones_like(mask)
+        ids = torch.randint(1, VOCAB, ids.shape, generator=torch.Generator().manual_seed(3))
+        domains = torch.sort(domains).values
     modules = find_capture_modules(model, "head")
-    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=64, seed=5)
+    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=64, seed=5, sketch_kind=kind)
     exact = _autograd_domain_means(model, modules, ids, mask, domains, 3)
     sk = cap.layers[0].sketch
-    expected = torch.stack([sketch_matrix(g.reshape(VOCAB, 16), sk) for g in exact])
-    assert cap.dim == 64 and means.shape == (3, 64)
+    if kind == "rowhash":
+        assert isinstance(sk, RowHash) and cap.dim == 64 * 16
+        expected = torch.stack([row_hash_matrix(g.reshape(VOCAB, 16), sk) for g in exact])
+    else:
+        assert cap.dim == 64
+        expected = torch.stack([sketch_matrix(g.reshape(VOCAB, 16), sk) for g in exact])
+    assert means.shape == (3, cap.dim) and means.abs().max() > 1e-3
     torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_row_hash_keeps_small_layers_exact_and_refuses_unknown_kinds(model):
+    """A layer with no more rows than buckets is captured exactly (hashing would only add collisions)."""
+    ids, mask, domains = _batch(4)
+    modules = find_capture_modules(model, "head+last_block")
+    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=64, sketch_kind="rowhash")
+    kinds = {layer.name: type(layer.sketch).__name__ for layer in cap.layers}
+    assert kinds["lm_head"] == "RowHash" and all(v == "NoneType" for k, v in kinds.items() if k != "lm_head")
+    exact = _autograd_domain_means(model, modules, ids, mask, domains, 3)
+    head = cap.layers[0].size
+    torch.testing.assert_close(means[:, head:], exact[:, VOCAB * 16:], rtol=1e-4, atol=1e-5)  # the block: exact
+    with pytest.raises(ValueError, match="unknown sketch kind"):
+        DomainGradCapture(modules, 3, sketch_dim=8, sketch_kind="fourier")
 
 
 def test_eval_target_and_idle_hooks(model):

@@ -8,7 +8,7 @@ import torch
 
 from rnb_ray.balance.gram import domain_means, expected_sketch_error, gram, gram_terms_dense
 from rnb_ray.balance.gram_terms import DomainEstimates, nonfinite_rows
-from rnb_ray.balance.sketch import AUTO_MAX_SKETCH, choose_capture
+from rnb_ray.balance.sketch import AUTO_MAX_BUCKETS, AUTO_MAX_SKETCH, choose_capture, effective_dims
 
 
 def _sharded_round(shards: list[DomainEstimates], sums: np.ndarray, counts: np.ndarray,
@@ -77,18 +77,33 @@ def test_capture_choice_from_the_budget():
     head = [(30522, 768)]
     small = choose_capture([(259, 32)], m=4, world=2, budget_bytes=2**30)
     assert small.sketch_dim == 0 and small.numbers_per_domain == 259 * 32
-    big = choose_capture(head, m=64, world=1, budget_bytes=2**30)  # 64 × 23.4 M floats: 12 GB
-    assert big.sketch_dim == AUTO_MAX_SKETCH and big.bytes_per_worker <= 2**30
-    tight = choose_capture(head, m=1000, world=8, budget_bytes=8 * 2**20)
+    # GPT-2 small's head at 15 domains: 2.8 GB exact on one worker; the default 512 MB budget takes the row hash.
+    gpt2 = choose_capture(head, m=15, world=1, budget_bytes=512 * 2**20)
+    assert gpt2.kind == "rowhash" and gpt2.sketch_dim == AUTO_MAX_BUCKETS
+    assert gpt2.numbers_per_domain == AUTO_MAX_BUCKETS * 768 and gpt2.bytes_per_worker <= 512 * 2**20
+    big = choose_capture(head, m=256, world=1, budget_bytes=512 * 2**20)
+    assert 0 < big.sketch_dim < AUTO_MAX_BUCKETS and big.bytes_per_worker <= 512 * 2**20
+    gauss = choose_capture(head, m=64, world=1, budget_bytes=2**30, kind="gaussian")  # 64 × 23.4 M floats: 12 GB
+    assert gauss.sketch_dim == AUTO_MAX_SKETCH and gauss.bytes_per_worker <= 2**30
+    tight = choose_capture(head, m=1000, world=8, budget_bytes=8 * 2**20, kind="gaussian")
     assert 0 < tight.sketch_dim < AUTO_MAX_SKETCH and tight.bytes_per_worker <= 8 * 2**20
     assert choose_capture(head, m=64, world=1, budget_bytes=2**30, requested=0).sketch_dim == 0
-    assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64).sketch_dim == 64
-    assert big.as_dict()["mode"] == "sketch" and small.as_dict()["mode"] == "exact"
+    assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64, kind="gaussian"
+                          ).numbers_per_domain == 64
+    assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64).numbers_per_domain == 64 * 32
+    assert gpt2.as_dict()["mode"] == "sketch" and gpt2.as_dict()["kind"] == "rowhash"
+    assert small.as_dict()["mode"] == "exact"
+    with pytest.raises(ValueError, match="unknown sketch kind"):
+        choose_capture(head, m=4, world=1, budget_bytes=1, kind="fourier")
 
 
 def test_expected_sketch_error_shrinks_with_the_sketch():
     G = np.array([[2.0, 1.0], [1.0, 2.0]])
-    e_small = expected_sketch_error(G, [(16, 16)])
-    e_big = expected_sketch_error(G, [(64, 64)])
+    e_small = expected_sketch_error(G, effective_dims([(1000, 64)], "gaussian", 256))
+    e_big = expected_sketch_error(G, effective_dims([(1000, 64)], "gaussian", 4096))
     assert e_small is not None and e_big is not None and e_big < e_small < 1
-    assert expected_sketch_error(np.zeros((2, 2)), [(8, 8)]) is None
+    h_small = expected_sketch_error(G, effective_dims([(1000, 64)], "rowhash", 64))
+    h_big = expected_sketch_error(G, effective_dims([(1000, 64)], "rowhash", 512))
+    assert h_small is not None and h_big is not None and h_big < h_small < 1
+    assert expected_sketch_error(G, effective_dims([(100, 64)], "rowhash", 512)) == 0.0  # kept exact
+    assert expected_sketch_error(np.zeros((2, 2)), [64.0]) is None
