@@ -73,6 +73,10 @@ class TrainConfig:
     sketch_kind: Literal["rowhash", "gaussian"] = field(default="rowhash", metadata={
         "help": "sketch of the per-domain gradients when not exact: rowhash (count sketch of the layer's rows, "
                 "input side exact; tracks exact capture closely) or gaussian (random projection of both sides)"})
+    sketch_frequent_rows: float = field(default=0.75, metadata={
+        "help": "rowhash: share of the buckets given to the head's most frequent tokens (counted on a sample of the "
+                "training data before the first step), each kept exact; the rest of the vocabulary is hashed (0: hash "
+                "every row)"})
     capture_budget_mb: float = field(default=512.0, metadata={"help": "per-worker memory for a round's per-domain "
                                      "gradients (sums + this worker's share of the estimates, float32): exact capture "
                                      "when it fits, else the largest sketch (rowhash: ≤ 1024 buckets) that does"})
@@ -158,6 +162,9 @@ class TrainConfig:
                       f"and below steps ({self.steps})", "pick a round boundary before the end, or 0")
         if self.sketch_dim < -1:
             raise bad("sketch_dim", f"is {self.sketch_dim}", "use -1 (automatic), 0 (exact) or a positive size")
+        if not 0.0 <= self.sketch_frequent_rows < 1.0:
+            raise bad("sketch_frequent_rows", f"is {self.sketch_frequent_rows}",
+                      "use a share in [0, 1): some buckets must stay for the hashed rows")
         if not self.capture_budget_mb > 0:
             raise bad("capture_budget_mb", f"is {self.capture_budget_mb}", "use a positive number of MB")
         for name in ("warmup_steps", "stop_after", "checkpoint_every", "max_failures", "debug_dump_rounds"):
