@@ -315,7 +315,7 @@ if os.environ.get("RNB_BENCH_SMOKE"):  # a smoke test of the code path only (tin
     GPT2 |= {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32}
 
 
-ROWHASH_BUCKETS = (1024, 4096)
+ROWHASH_BUCKETS = (2048,)  # a larger row hash measured alongside the default
 
 
 def domains_corpus(root: Path, m: int) -> Path:
@@ -453,11 +453,13 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     from rnb_ray.balance.sketch import (
         choose_capture,
         effective_dims,
+        frequent_rows,
         make_layer_sketch,
         make_row_hash,
         row_hash_matrix,
         sketch_matrix,
     )
+    from rnb_ray.balance.step import token_counts
 
     data = domains_corpus(root, m)
     cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m), **GPT2)
@@ -474,19 +476,27 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     if not choice.sketch_dim:
         return {"m": m, "capture": choice.as_dict(), "note": "default is exact: agreement 1 by construction"}
     seed0 = cfg.seed * 1_000_003  # the capture's own seed for its first layer
+    # The trainer's frequent rows: token counts from a separate sampler (another seed), as Trainer._token_counts
+    counts = token_counts(DomainSampler(worker_streams(plan, 0, 1, cfg.seed + 7919, SourceReader(plan),
+                                                       buffer=cfg.shuffle_buffer), seed=(cfg.seed + 7919) * 1009),
+                          plan.m, cfg.batch_size, tok, cfg.seq_len, out_f)
     gauss = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind="gaussian")
-    sketches = {"default": (choice.kind, choice.sketch_dim), f"gaussian{gauss.sketch_dim}": ("gaussian", gauss.sketch_dim)}
+    k = choice.sketch_dim
+    sketches = {"default": ("rowhash", k, int(k * cfg.sketch_frequent_rows)),
+                f"rowhash{k}_no_frequent_rows": ("rowhash", k, 0),
+                f"gaussian{gauss.sketch_dim}": ("gaussian", gauss.sketch_dim, 0)}
     for h in ROWHASH_BUCKETS:
-        if h != choice.sketch_dim and h < out_f:
-            sketches[f"rowhash{h}"] = ("rowhash", h)
+        if h != k and h < out_f:
+            sketches[f"rowhash{h}"] = ("rowhash", h, int(h * cfg.sketch_frequent_rows))
     maps = {}
-    for name, (kind, k) in sketches.items():
+    for name, (kind, size, n_exact) in sketches.items():
         if kind == "rowhash":
-            rh = make_row_hash(out_f, in_f, k, seed=seed0)
-            maps[name] = (lambda g, rh=rh: row_hash_matrix(g, rh).double(), effective_dims([(out_f, in_f)], kind, k))
+            rh = make_row_hash(out_f, in_f, size, seed=seed0, exact_rows=frequent_rows(counts, n_exact) if n_exact else None)
+            maps[name] = (lambda g, rh=rh: row_hash_matrix(g, rh).double(), [float(rh.hashed)], rh)
         else:
-            sk = make_layer_sketch(out_f, in_f, k, seed=seed0)
-            maps[name] = (lambda g, sk=sk: sketch_matrix(g, sk).double(), effective_dims([(out_f, in_f)], kind, k))
+            sk = make_layer_sketch(out_f, in_f, size, seed=seed0)
+            maps[name] = (lambda g, sk=sk: sketch_matrix(g, sk).double(), effective_dims([(out_f, in_f)], kind, size),
+                          None)
     K, B = GPT2["update_every"], GPT2["batch_size"]
     cap = DomainGradCapture(modules, K * B)  # one slot per example of a round at most
     exact: dict[int, torch.Tensor] = {}
@@ -507,7 +517,7 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
             for d in doms:
                 mean = cap.sums[slot[d]] / float(cap.counts[slot[d]])
                 exact[d] = mean.clone()
-                for name, (fn, _) in maps.items():
+                for name, (fn, _, _) in maps.items():
                     sketched[name][d] = fn(mean.view(out_f, in_f))
             cap.reset()
             seen = sorted(exact)
@@ -519,13 +529,18 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
             del ex
             p_exact, _ = rnb_mixture(G, plan.q, 3.0)
             res = {}
-            for name, (_, dims) in maps.items():
+            for name, (_, dims, rh) in maps.items():
                 Z = torch.stack([sketched[name][j] for j in seen])
                 Gs = np.zeros((m, m))
                 Gs[np.ix_(seen, seen)] = (Z @ Z.T).numpy()
+                Gt = None
+                if rh is not None and rh.exact:  # the hashed rows' Gram, as the workers report it
+                    Zt = Z[:, rh.exact * in_f:]
+                    Gt = np.zeros((m, m))
+                    Gt[np.ix_(seen, seen)] = (Zt @ Zt.T).numpy()
                 ps, _ = rnb_mixture(Gs, plan.q, 3.0)
                 res[name] = {"mixture_l1": float(np.abs(ps - p_exact).sum()), "gram_rel_error": gram_relative_error(G, Gs),
-                             "expected_gram_rel_error": expected_sketch_error(Gs, dims),
+                             "expected_gram_rel_error": expected_sketch_error(Gs, dims, Gt),
                              "numbers_per_domain": int(Z.shape[1])}
             per_round.append({"round": r, "domains_in_round": len(doms), "domains_seen": len(seen),
                               **{k: res["default"][k] for k in ("mixture_l1", "gram_rel_error", "expected_gram_rel_error")},
@@ -540,7 +555,7 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                         "mean_gram_rel_error": float(np.mean([x["alternatives"][name]["gram_rel_error"]
                                                               for x in per_round]))}
                  for name in per_round[0]["alternatives"]}
-    return {"m": m, "capture": choice.as_dict(), "rounds": per_round, "alternatives": alt_means,
+    return {"m": m, "capture": choice.as_dict() | {"exact_rows": int(k * cfg.sketch_frequent_rows)}, "rounds": per_round, "alternatives": alt_means,
             "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
             "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round])),
             "mean_expected_gram_rel_error": float(np.mean([x["expected_gram_rel_error"] or 0 for x in per_round]))}

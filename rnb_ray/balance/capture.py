@@ -206,7 +206,8 @@ class DomainGradCapture:
     """
 
     def __init__(self, modules: dict[str, nn.Module], num_domains: int, *, sketch_dim: int = 0,
-                 seed: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "rowhash"):
+                 seed: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "rowhash",
+                 exact_rows: dict[str, torch.Tensor] | None = None):
         if sketch_kind not in SKETCH_KINDS:
             raise ValueError(f"unknown sketch kind {sketch_kind!r}: choose from {', '.join(SKETCH_KINDS)}")
         self.num_domains = num_domains
@@ -224,7 +225,8 @@ class DomainGradCapture:
             out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
             sk: LayerSketch | RowHash | None = None
             if sketch_dim > 0 and sketch_kind == "rowhash" and sketch_dim < out_f:
-                sk = make_row_hash(out_f, in_f, sketch_dim, seed=seed * 1_000_003 + i).to(self.device)
+                sk = make_row_hash(out_f, in_f, sketch_dim, seed=seed * 1_000_003 + i,
+                                   exact_rows=(exact_rows or {}).get(name)).to(self.device)
                 size = sk.dim
             elif sketch_dim > 0 and sketch_kind == "gaussian":
                 sk = make_layer_sketch(out_f, in_f, sketch_dim, seed=seed * 1_000_003 + i).to(self.device)
@@ -249,6 +251,34 @@ class DomainGradCapture:
     @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def sketched_columns(self) -> torch.Tensor:
+        """(dim,) bool: the stored numbers that are sketched (estimated) rather than exact sums: a Gaussian
+        sketch's, a row hash's hashed buckets (not its exact rows), none of an exact layer's."""
+        parts = []
+        for layer in self.layers:
+            sk = layer.sketch
+            if sk is None:
+                parts.append(torch.zeros(layer.size, dtype=torch.bool))
+            elif isinstance(sk, RowHash):
+                mask = torch.ones(sk.buckets, sk.in_features, dtype=torch.bool)
+                mask[:sk.exact] = False
+                parts.append(mask.reshape(-1))
+            else:
+                parts.append(torch.ones(layer.size, dtype=torch.bool))
+        return torch.cat(parts)
+
+    def effective_dims(self) -> list[float]:
+        """Per sketched layer, the k of the error estimate (``gram.expected_sketch_error``)."""
+        out = []
+        for layer in self.layers:
+            sk = layer.sketch
+            if isinstance(sk, RowHash):
+                out.append(float(sk.hashed))
+            elif sk is not None:
+                k1, k2 = sk.r_out.shape[1], sk.r_in.shape[1]
+                out.append(1.0 / (1.0 / k1 + 1.0 / k2 + 1.0 / (k1 * k2)))
+        return out
 
     def _patch(self, layer: _Layer) -> None:
         mod = layer.module

@@ -99,20 +99,22 @@ def gram_terms_dense(means: np.ndarray, previous: np.ndarray | None = None,
     return out
 
 
-def expected_sketch_error(gram: np.ndarray, dims: list[float]) -> float | None:
-    """Expected ‖G̃ − G‖_F / ‖G‖_F of a sketch with effective dimension ``dims`` per layer
-    (``sketch.effective_dims``: a row hash's bucket count, a Kronecker Gaussian's 1/(1/k₁ + 1/k₂ + 1/(k₁k₂));
-    inf for a layer kept exact).
+def expected_sketch_error(gram: np.ndarray, dims: list[float], sketched: np.ndarray | None = None) -> float | None:
+    """Expected ‖G̃ − G‖_F / ‖G‖_F of a sketch with effective dimension ``dims`` per sketched layer
+    (``DomainGradCapture.effective_dims``: a row hash's count of hashed buckets, a Kronecker Gaussian's
+    1/(1/k₁ + 1/k₂ + 1/(k₁k₂))), the smallest taken.
 
     For a Gaussian projection to k dimensions Var(G̃_ij) = (G_ij² + G_ii G_jj)/k, and a count sketch's variance
-    is at most that, so E‖G̃ − G‖²_F / ‖G‖²_F ≤ (1 + (tr G)²/‖G‖²_F)/k, with k the smallest layer's — a
-    conservative plug-in estimate on the sketched G (the benchmark measures the actual error against exact
-    capture). None when G is zero."""
+    is at most that, so E‖G̃ − G‖²_F ≤ ((tr T)² + ‖T‖²_F)/k with T the Gram matrix of the *sketched* part of
+    the vectors (``sketched``; default: all of G — exact rows of a row hash add no error). A conservative
+    plug-in estimate on the sketched G (the benchmark measures the actual error against exact capture).
+    None when G is zero or nothing is sketched."""
     G = np.asarray(gram, dtype=np.float64)
+    T = G if sketched is None else np.asarray(sketched, dtype=np.float64)
     fro2 = float((G * G).sum())
     if not dims or fro2 == 0.0 or not np.isfinite(fro2):
         return None
     k = min(float(d) for d in dims)
     if not np.isfinite(k):
         return 0.0
-    return float(np.sqrt((1.0 + float(np.trace(G)) ** 2 / fro2) / k))
+    return float(np.sqrt((float(np.trace(T)) ** 2 + float((T * T).sum())) / k / fro2))

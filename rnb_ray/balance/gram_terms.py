@@ -45,10 +45,14 @@ class DomainEstimates:
     these columns. A domain never seen has a zero estimate (its row of G is zero), as in the paper's start.
     """
 
-    def __init__(self, m: int, cols: int, device: torch.device | str = "cpu"):
+    def __init__(self, m: int, cols: int, device: torch.device | str = "cpu", sketched: torch.Tensor | None = None):
         self.m, self.cols = m, cols
         self.est = torch.zeros(m, cols, dtype=torch.float32, device=device)
         self.gram = torch.zeros(m, m, dtype=torch.float64)
+        # The Gram matrix over the sketched columns alone (``sketched``: which of these columns are sketched;
+        # None: no sketch): what the sketch's error estimate scales with. Exact rows add no error.
+        self.sketched = None if sketched is None or not bool(sketched.any()) else sketched.to(device)
+        self.gram_sketched = torch.zeros(m, m, dtype=torch.float64)
         self.seen = torch.zeros(m, dtype=torch.bool)
         self.flops = 0
 
@@ -56,20 +60,34 @@ class DomainEstimates:
         """(rows P, partial block (|P|, m) float64 on these columns). ``shard``: (m, cols) summed gradients."""
         rows = torch.nonzero(ok & (counts > 0)).reshape(-1)
         if rows.numel() == 0:
-            return rows, torch.zeros(0, self.m, dtype=torch.float64)
+            return rows, torch.zeros(0, self.block_width, dtype=torch.float64)
         idx = rows.to(self.est.device)
         scale = (1.0 / counts[rows].double()).to(torch.float32).to(self.est.device)
         self.est.index_copy_(0, idx, shard.index_select(0, idx).float() * scale[:, None])
         self.seen[rows] = True
-        block = self.est.index_select(0, idx) @ self.est.T  # float32 GEMM (BLAS-blocked sums)
+        present = self.est.index_select(0, idx)
+        block = present @ self.est.T  # float32 GEMM (BLAS-blocked sums)
         self.flops += 2 * rows.numel() * self.m * self.cols
+        if self.sketched is not None:  # the same rows over the sketched columns: (|P|, 2m)
+            sub = self.sketched.nonzero().reshape(-1)
+            block = torch.cat([block, present.index_select(1, sub) @ self.est.index_select(1, sub).T], dim=1)
+            self.flops += 2 * rows.numel() * self.m * int(sub.numel())
         return rows, block.double().cpu()
+
+    @property
+    def block_width(self) -> int:
+        """Numbers per present row that ``update_rows`` returns (m, or 2m with the sketched columns' Gram)."""
+        return self.m if self.sketched is None else 2 * self.m
 
     def set_rows(self, rows: torch.Tensor, block: torch.Tensor) -> None:
         """Write the all-reduced block into G (both its rows and, by symmetry, its columns)."""
         if rows.numel():
-            self.gram[rows, :] = block
-            self.gram[:, rows] = block.T
+            m = self.m
+            self.gram[rows, :] = block[:, :m]
+            self.gram[:, rows] = block[:, :m].T
+            if self.sketched is not None:
+                self.gram_sketched[rows, :] = block[:, m:]
+                self.gram_sketched[:, rows] = block[:, m:].T
 
     def eval_partials(self, eval_shard: torch.Tensor) -> torch.Tensor:
         """(m + 1,) float64 on these columns: est·g_e for every domain, then g_eᵀg_e."""
@@ -78,7 +96,8 @@ class DomainEstimates:
         return torch.cat([(self.est @ e).double(), (e @ e).double().reshape(1)]).cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"est": self.est.cpu().clone(), "gram": self.gram.clone(), "seen": self.seen.clone()}
+        return {"est": self.est.cpu().clone(), "gram": self.gram.clone(), "seen": self.seen.clone(),
+                "gram_sketched": self.gram_sketched.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         est = torch.as_tensor(state["est"])
@@ -87,3 +106,5 @@ class DomainEstimates:
         self.est.copy_(est)
         self.gram.copy_(torch.as_tensor(state["gram"], dtype=torch.float64))
         self.seen.copy_(torch.as_tensor(state["seen"], dtype=torch.bool))
+        if "gram_sketched" in state:  # absent in checkpoints from before the error estimate used it
+            self.gram_sketched.copy_(torch.as_tensor(state["gram_sketched"], dtype=torch.float64))

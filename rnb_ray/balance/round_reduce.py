@@ -29,10 +29,17 @@ from rnb_ray.balance.runtime import Runtime
 class RoundReducer:
     """One per worker; ``reduce`` is called by every worker at the end of every round."""
 
-    def __init__(self, rt: Runtime, m: int, dim: int):
+    def __init__(self, rt: Runtime, m: int, dim: int, sketched: torch.Tensor | None = None):
+        """``sketched``: (dim,) bool, the columns that hold sketched (estimated) numbers (``DomainGradCapture.
+        sketched_columns``); their Gram matrix comes back as ``gram_sketched`` for the error estimate."""
         self.rt, self.m, self.dim = rt, m, dim
         self.cols = -(-dim // rt.world)
-        self.estimates = DomainEstimates(m, self.cols, device=rt.device)
+        mine = None
+        if sketched is not None and bool(sketched.any()):  # this worker's columns of the reduce-scatter
+            padded = torch.zeros(self.cols * rt.world, dtype=torch.bool)
+            padded[:dim] = sketched
+            mine = padded[rt.rank * self.cols:(rt.rank + 1) * self.cols]
+        self.estimates = DomainEstimates(m, self.cols, device=rt.device, sketched=mine)
         self.seconds = 0.0  # this worker's wall time in the reduction (collectives + its share of the Gram)
         self.bytes_collective = 0  # bytes this worker handed to collectives, cumulative
         self.last_means: torch.Tensor | None = None  # only when asked (debug dumps)
@@ -66,9 +73,12 @@ class RoundReducer:
         vec = rt.all_reduce(torch.cat(parts).to(dev)).cpu()
         if multi:
             self.bytes_collective += vec.numel() * 8
-        n_block = rows.numel() * m
-        self.estimates.set_rows(rows, vec[:n_block].view(rows.numel(), m))
+        width = self.estimates.block_width
+        n_block = rows.numel() * width
+        self.estimates.set_rows(rows, vec[:n_block].view(rows.numel(), width))
         out["gram"] = self.estimates.gram.numpy().copy()
+        if self.estimates.sketched is not None:
+            out["gram_sketched"] = self.estimates.gram_sketched.numpy().copy()
         if eshard is not None:
             out["eval_align"] = vec[n_block:n_block + m].numpy().copy()
             out["eval_sq"] = float(vec[n_block + m])

@@ -39,36 +39,64 @@ SKETCH_KINDS = ("rowhash", "gaussian")
 
 @dataclass(frozen=True)
 class RowHash:
-    """A count sketch of a layer's rows: row v goes to bucket h(v) with sign s(v). ``index`` folds the sign
-    into the bucket (h(v) + b·[s(v) < 0]) so one ``index_add`` over 2b columns hashes Δ."""
+    """A count sketch of a layer's rows with some rows kept exact. The first ``exact`` buckets hold given rows
+    whole (for an LM head: the most frequent tokens, which carry most of its gradient), the other ``hashed``
+    buckets take every other row v at bucket h(v) with sign s(v). ``index`` maps each row to its column of one
+    ``index_add`` over ``exact + 2·hashed`` columns (the sign folded in: the negative rows land ``hashed``
+    columns further on)."""
 
-    index: torch.Tensor  # (out,) int64 in [0, 2b)
-    buckets: int
+    index: torch.Tensor  # (out,) int64 in [0, exact + 2·hashed)
+    exact: int
+    hashed: int
     in_features: int
+
+    @property
+    def buckets(self) -> int:
+        return self.exact + self.hashed
 
     @property
     def dim(self) -> int:
         return self.buckets * self.in_features
 
     def to(self, device: torch.device | str) -> RowHash:
-        return RowHash(self.index.to(device), self.buckets, self.in_features)
+        return RowHash(self.index.to(device), self.exact, self.hashed, self.in_features)
 
 
-def make_row_hash(out_features: int, in_features: int, buckets: int, seed: int) -> RowHash:
-    """The hash for one layer, identical on every worker for the same seed (``buckets`` ≤ out_features)."""
+def make_row_hash(out_features: int, in_features: int, buckets: int, seed: int,
+                  exact_rows: torch.Tensor | None = None) -> RowHash:
+    """The sketch for one layer, identical on every worker for the same seed and ``exact_rows`` (kept in
+    ascending order; fewer than ``buckets`` of them, so at least one bucket is left for the other rows)."""
     if not 1 <= buckets <= out_features:
         raise ValueError(f"a row-hash sketch needs 1 <= buckets <= {out_features} (the layer's rows), got {buckets}")
+    rows = torch.zeros(0, dtype=torch.long) if exact_rows is None else torch.as_tensor(exact_rows).long().unique()
+    if rows.numel() >= buckets or (rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= out_features)):
+        raise ValueError(f"exact rows must be fewer than the {buckets} buckets and lie in [0, {out_features}); got "
+                         f"{rows.numel()} in [{int(rows.min()) if rows.numel() else 0}, "
+                         f"{int(rows.max()) if rows.numel() else 0}]")
+    r = rows.numel()
+    b = buckets - r
     gen = torch.Generator().manual_seed(int(seed))
-    bucket = torch.randint(0, buckets, (out_features,), generator=gen)
+    bucket = torch.randint(0, b, (out_features,), generator=gen)
     negative = torch.randint(0, 2, (out_features,), generator=gen)
-    return RowHash(bucket + buckets * negative, buckets, in_features)
+    index = r + bucket + b * negative
+    index[rows] = torch.arange(r)
+    return RowHash(index, r, b, in_features)
 
 
 def hash_rows(delta: torch.Tensor, rh: RowHash) -> torch.Tensor:
-    """Δ Cᵀ: (n, out) → (n, b), each row's entries added into its bucket with its sign."""
-    two = torch.zeros(delta.shape[0], 2 * rh.buckets, dtype=delta.dtype, device=delta.device)
-    two.index_add_(1, rh.index, delta)
-    return two[:, : rh.buckets] - two[:, rh.buckets:]
+    """Δ Cᵀ: (n, out) → (n, buckets): the exact rows' columns, then each other row added into its bucket with
+    its sign."""
+    r, b = rh.exact, rh.hashed
+    cols = torch.zeros(delta.shape[0], r + 2 * b, dtype=delta.dtype, device=delta.device)
+    cols.index_add_(1, rh.index, delta)
+    return torch.cat([cols[:, :r], cols[:, r:r + b] - cols[:, r + b:]], dim=1)
+
+
+def frequent_rows(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows with the largest counts (ties: lower row first), only rows counted at least once."""
+    counts = torch.as_tensor(counts).double().cpu()
+    order = torch.argsort(-counts, stable=True)[:k]
+    return order[counts[order] > 0].sort().values
 
 
 def row_hash_matrix(grad: torch.Tensor, rh: RowHash) -> torch.Tensor:
@@ -77,7 +105,7 @@ def row_hash_matrix(grad: torch.Tensor, rh: RowHash) -> torch.Tensor:
 
 
 def row_hash_flops(n_tokens: int, out_features: int, rh: RowHash, hashed_rows: int | None = None) -> int:
-    """Hashing ``hashed_rows`` rows of Δ (default: the tokens) plus the b × n × in GEMM over ``n_tokens``."""
+    """Hashing ``hashed_rows`` rows of Δ (default: the tokens) plus the buckets × n × in GEMM over ``n_tokens``."""
     return (n_tokens if hashed_rows is None else hashed_rows) * out_features + 2 * n_tokens * rh.buckets * rh.in_features
 
 
@@ -150,12 +178,14 @@ def layer_dims(shapes: list[tuple[int, int]], kind: str, size: int) -> list[int]
     return [sketch_shape(o, i, size)[0] * sketch_shape(o, i, size)[1] for o, i in shapes]
 
 
-def effective_dims(shapes: list[tuple[int, int]], kind: str, size: int) -> list[float]:
-    """Per layer, the k of the error estimate (``gram.expected_sketch_error``): a row hash's is its bucket count
-    (the input side is exact; a layer with b ≥ out is kept exact: inf), a Kronecker Gaussian's is
-    1/(1/k₁ + 1/k₂ + 1/(k₁k₂)) (no better than its worse side on low-rank gradients)."""
+def effective_dims(shapes: list[tuple[int, int]], kind: str, size: int, exact_rows: list[int] | None = None
+                   ) -> list[float]:
+    """Per layer, the k of the error estimate (``gram.expected_sketch_error``): a row hash's is its count of
+    hashed buckets (the input side and the exact rows are exact; a layer with buckets ≥ out is kept exact: inf),
+    a Kronecker Gaussian's is 1/(1/k₁ + 1/k₂ + 1/(k₁k₂)) (no better than its worse side on low-rank gradients)."""
     if kind == "rowhash":
-        return [float(size) if size < o else float("inf") for o, _ in shapes]
+        ex = exact_rows or [0] * len(shapes)
+        return [float(size - r) if size < o else float("inf") for (o, _), r in zip(shapes, ex, strict=True)]
     out = []
     for o, i in shapes:
         k1, k2 = sketch_shape(o, i, size)

@@ -137,3 +137,17 @@ def dump_batch(debug_dir: Path, round_: int, step: int, rank: int, batch: Batch,
              attention_mask=batch.attention_mask.cpu().numpy(), domains=batch.domains)
     if rank == 0:  # identical on every rank
         torch.save(model.state_dict(), debug_dir / f"{stem}_model.pt")
+
+
+def token_counts(sampler: DomainSampler, m: int, batch_size: int, tok: Any, seq_len: int, rows: int,
+                 tokens: int = 65_536) -> torch.Tensor:
+    """How often each token id (< ``rows``) occurs in about ``tokens`` tokens drawn from ``sampler`` uniformly
+    over its ``m`` domains (what ``sketch_frequent_rows`` ranks the head's rows by). Give it a sampler of its
+    own: it advances the streams."""
+    uniform = np.full(m, 1.0 / m)
+    counts = torch.zeros(rows, dtype=torch.float64)
+    for _ in range(min(256, max(8, -(-tokens // (batch_size * seq_len))))):
+        b = next_batch(sampler, uniform, batch_size, tok, seq_len)
+        ids = torch.as_tensor(b.input_ids)[torch.as_tensor(b.attention_mask).bool()]
+        counts += torch.bincount(ids[ids < rows], minlength=rows).double()
+    return counts

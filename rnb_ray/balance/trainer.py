@@ -16,6 +16,7 @@ The same ``Trainer`` runs inside a Ray Train worker or alone in the calling proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -38,7 +39,7 @@ from rnb_ray.balance.round_reduce import RoundReducer
 from rnb_ray.balance.run_setup import RunSetup, setup_run
 from rnb_ray.balance.runtime import LocalRuntime, PendingRound, Runtime
 from rnb_ray.balance.sampler import DomainSampler
-from rnb_ray.balance.sketch import CaptureChoice, choose_capture, effective_dims
+from rnb_ray.balance.sketch import CaptureChoice, choose_capture, frequent_rows
 from rnb_ray.balance.step import (
     Batch,
     dump_batch,
@@ -46,6 +47,7 @@ from rnb_ray.balance.step import (
     evaluate,
     next_batch,
     optimizer_for,
+    token_counts,
     train_step,
 )
 from rnb_ray.balance.token_plan import TokenPlan, token_worker_data
@@ -79,20 +81,15 @@ class Trainer:
         self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
         model = model_for(cfg, self.tok)
         self.n_params = matmul_params(model)
+        self.sampler, self.eval_texts = self._sampler(cfg.seed)
         self.choice: CaptureChoice | None = None
         self.capture = self._capture(model) if self.needs.capture else None
-        self.reducer = RoundReducer(rt, plan.m, self.capture.dim) if self.capture is not None else None
+        self.reducer = (RoundReducer(rt, plan.m, self.capture.dim, self.capture.sketched_columns())
+                        if self.capture is not None else None)
         self.train_capture = self.capture if self.needs.train_grads else None  # capture during training steps
         self.model = rt.prepare_model(model)
         self.raw_model = getattr(self.model, "module", self.model)
         self.opt, self.sched = optimizer_for(self.model, cfg)
-        if isinstance(plan, TokenPlan):  # token shards: packed sequences (balance/token_plan.py)
-            packers, self.eval_texts = token_worker_data(plan, rt.rank, rt.world, cfg.seed)
-            self.sampler = DomainSampler(packers, seed=cfg.seed * 1009 + rt.rank)
-        else:  # each domain streamed from this worker's share of its row groups, through a shuffle buffer
-            self.sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, cfg.seed, SourceReader(plan),
-                                                        buffer=cfg.shuffle_buffer), seed=cfg.seed * 1009 + rt.rank)
-            self.eval_texts = worker_eval_set(plan, rt.rank, rt.world, SourceReader(plan))
         self.eval_pool = [t for texts in self.eval_texts for t in texts]  # for the evaluation gradient
         self.autocast = (torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
                          if cfg.precision == "bf16" else contextlib.nullcontext())
@@ -107,6 +104,25 @@ class Trainer:
         self.last_row: dict[str, Any] | None = None
         self.round_terms: dict[str, Any] = {}  # the last round's sketch error and bytes sent (metrics)
 
+    def _sampler(self, seed: int) -> tuple[DomainSampler, list[list[str]]]:
+        """This worker's sampler over every domain, and its share of the evaluation set."""
+        cfg, plan, rt = self.cfg, self.plan, self.rt
+        if isinstance(plan, TokenPlan):  # token shards: packed sequences (balance/token_plan.py)
+            packers, eval_texts = token_worker_data(plan, rt.rank, rt.world, seed)
+            return DomainSampler(packers, seed=seed * 1009 + rt.rank), eval_texts
+        # each domain streamed from this worker's share of its row groups, through a shuffle buffer
+        sampler = DomainSampler(worker_streams(plan, rt.rank, rt.world, seed, SourceReader(plan),
+                                               buffer=cfg.shuffle_buffer), seed=seed * 1009 + rt.rank)
+        return sampler, worker_eval_set(plan, rt.rank, rt.world, SourceReader(plan))
+
+    def _token_counts(self, rows: int) -> torch.Tensor:
+        """Token counts of a sample of the training data (``step.token_counts``, through a separate sampler with
+        another seed, so the training stream is untouched), summed over workers so every worker keeps the same
+        rows exact."""
+        sampler, _ = self._sampler(self.cfg.seed + 7919)
+        counts = token_counts(sampler, self.plan.m, self.cfg.batch_size, self.tok, self.cfg.seq_len, rows)
+        return self.rt.all_reduce(counts.to(self.rt.device)).cpu()
+
     def _capture(self, model: torch.nn.Module) -> DomainGradCapture:
         cfg, m = self.cfg, self.plan.m
         try:
@@ -118,11 +134,24 @@ class Trainer:
         self.choice = choose_capture(shapes, m, self.rt.world, int(cfg.capture_budget_mb * 2**20), cfg.sketch_dim,
                                      cfg.sketch_kind)
         k = self.choice.sketch_dim
-        self.sketch_dims = effective_dims(shapes, cfg.sketch_kind, k) if k else []
+        exact_rows: dict[str, torch.Tensor] = {}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_name = next((n for n, mod in modules.items() if mod is head), None)
+        n_exact = int(k * cfg.sketch_frequent_rows)
+        if k and cfg.sketch_kind == "rowhash" and head_name is not None and n_exact and self.needs.train_grads:
+            (out_f, _), = layer_shapes({head_name: modules[head_name]})
+            if k < out_f:  # the head is hashed: keep its most frequent tokens' rows exact
+                t0 = time.perf_counter()
+                exact_rows[head_name] = frequent_rows(self._token_counts(out_f), n_exact)
+                self.choice = dataclasses.replace(self.choice, reason=self.choice.reason + (
+                    f"; {exact_rows[head_name].numel()} most frequent tokens' rows exact "
+                    f"({time.perf_counter() - t0:.1f} s to count them)"))
         if self.rt.rank == 0 and self.needs.train_grads:
             log.info("per-domain gradients: %s", self.choice.reason)
-        return DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device,
-                                 sketch_kind=cfg.sketch_kind)
+        cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device,
+                                sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
+        self.sketch_dims = cap.effective_dims()
+        return cap
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -223,7 +252,8 @@ class Trainer:
             if self.rt.rank == 0:  # every worker holds the same terms; the mixer reads rank 0's
                 payload.update(terms)
                 if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
-                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_dims)
+                    payload["sketch_error"] = expected_sketch_error(terms["gram"], self.sketch_dims,
+                                                                    terms.get("gram_sketched"))
         self.round_terms = {"sketch_gram_rel_error": payload.get("sketch_error"),
                             "bytes_to_mixer": _nbytes(payload),
                             "bytes_collective": self.reducer.bytes_collective if self.reducer is not None else 0}

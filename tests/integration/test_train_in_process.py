@@ -73,8 +73,8 @@ def test_streams_resume_mid_block_onto_the_same_trajectory(sample_corpus, tmp_pa
 
 
 def test_default_capture_sketches_a_head_over_budget_and_tracks_exact(sample_corpus, tmp_path):
-    """When exact per-domain sums exceed --capture-budget-mb the default capture is the row hash: the run says so
-    in result.json, reports the sketch's expected Gram error per round, and its first mixing round gives a
+    """When exact per-domain sums exceed --capture-budget-mb the default capture is the row hash with the most
+    frequent tokens' rows exact (counted on a sample of the training data): the run says so in result.json, reports the sketch's expected Gram error per round, and its first mixing round gives a
     mixture close to exact capture's on the same batches (the first round samples with the same uniform p)."""
     t = pq.read_table(sample_corpus)
     t = t.filter(pc.is_in(t["source"], value_set=pa.array(["asyncio", "decimal", "email", "logging"])))
@@ -93,7 +93,7 @@ def test_default_capture_sketches_a_head_over_budget_and_tracks_exact(sample_cor
     assert exact["capture"]["mode"] == "exact" and exact_rows[-1]["sketch_gram_rel_error"] is None
     cap = auto["capture"]
     assert cap["mode"] == "sketch" and cap["kind"] == "rowhash" and cap["numbers_per_domain"] == cap["sketch_dim"] * 32
-    assert "exceed the budget" in cap["reason"]
+    assert "exceed the budget" in cap["reason"] and "48 most frequent tokens' rows exact" in cap["reason"]
     err = auto_rows[-1]["sketch_gram_rel_error"]
     assert err is not None and 0 < err < 1
     p_exact, p_auto = (list(r[-1]["mixture"].values()) if isinstance(r[-1]["mixture"], dict) else r[-1]["mixture"]

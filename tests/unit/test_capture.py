@@ -371,3 +371,15 @@ def test_capture_refuses_a_second_capture_and_bad_domains(model):
     finally:
         cap.remove()
     DomainGradCapture(head, 3).remove()  # free again after remove()
+
+
+def test_row_hash_capture_keeps_frequent_rows_exact(model):
+    ids, mask, domains = _batch(5)
+    modules = find_capture_modules(model, "head")
+    rows = torch.tensor([3, 50, 77])
+    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=16,
+                                    exact_rows={"lm_head": rows})
+    exact = _autograd_domain_means(model, modules, ids, mask, domains, 3).view(3, VOCAB, 16)
+    torch.testing.assert_close(means.view(3, 16, 16)[:, :3], exact[:, rows], rtol=1e-4, atol=1e-5)
+    assert cap.sketched_columns().view(16, 16)[:3].sum() == 0 and cap.sketched_columns().view(16, 16)[3:].all()
+    assert cap.effective_dims() == [13.0]

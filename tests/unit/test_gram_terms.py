@@ -107,3 +107,24 @@ def test_expected_sketch_error_shrinks_with_the_sketch():
     assert h_small is not None and h_big is not None and h_big < h_small < 1
     assert expected_sketch_error(G, effective_dims([(100, 64)], "rowhash", 512)) == 0.0  # kept exact
     assert expected_sketch_error(np.zeros((2, 2)), [64.0]) is None
+
+
+def test_estimates_keep_the_gram_of_the_sketched_columns():
+    rng = np.random.default_rng(3)
+    m, D = 4, 10
+    mask = torch.arange(D) >= 6
+    est = DomainEstimates(m, D, sketched=mask)
+    sums = torch.as_tensor(rng.normal(size=(m, D)), dtype=torch.float32)
+    counts = torch.tensor([1, 2, 0, 1])
+    rows, block = est.update_rows(sums, counts, torch.ones(m, dtype=torch.bool))
+    assert block.shape == (3, 2 * m) and est.block_width == 2 * m
+    est.set_rows(rows, block)
+    means = (sums / counts.clamp(min=1)[:, None]).double().numpy()
+    means[2] = 0
+    np.testing.assert_allclose(est.gram.numpy(), means @ means.T, rtol=1e-5, atol=1e-6)
+    tail = means[:, 6:]
+    np.testing.assert_allclose(est.gram_sketched.numpy(), tail @ tail.T, rtol=1e-5, atol=1e-6)
+    # the error estimate scales with the sketched part only: exact columns add none
+    G, T = est.gram.numpy(), est.gram_sketched.numpy()
+    assert expected_sketch_error(G, [64.0], T) < expected_sketch_error(G, [64.0])
+    assert DomainEstimates(m, D, sketched=torch.zeros(D, dtype=torch.bool)).block_width == m  # nothing sketched

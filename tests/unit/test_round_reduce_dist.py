@@ -15,6 +15,7 @@ from rnb_ray.balance.round_reduce import RoundReducer
 from rnb_ray.balance.runtime import reduce_scatter_cols
 
 M, D = 4, 11  # D not a multiple of 2: the last shard is zero-padded
+SKETCHED = torch.arange(D) >= 4  # the columns holding sketched numbers (e.g. a row hash's hashed buckets)
 
 
 class _GlooRuntime:
@@ -60,7 +61,7 @@ def _worker(rank: int, port: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D), [_inputs(rank, r) for r in range(3)])
+        res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, SKETCHED), [_inputs(rank, r) for r in range(3)])
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -95,7 +96,7 @@ def test_two_gloo_workers_equal_one_process_on_the_union():
     for r in range(3):
         a, b = _inputs(0, r), _inputs(1, r)
         union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
-    single = _run(RoundReducer(_Single(), M, D), union)
+    single = _run(RoundReducer(_Single(), M, D, SKETCHED), union)
     for r in range(3):
         for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
             got, want = results[rank][r], single[r]
@@ -105,5 +106,14 @@ def test_two_gloo_workers_equal_one_process_on_the_union():
             np.testing.assert_allclose(got["eval_align"], want["eval_align"], rtol=1e-5, atol=1e-6)
             assert got["eval_sq"] == want["eval_sq"] or abs(got["eval_sq"] - want["eval_sq"]) < 1e-4 * want["eval_sq"]
             np.testing.assert_allclose(got["means"], want["means"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["gram_sketched"], want["gram_sketched"], rtol=1e-5, atol=1e-6)
+    # the sketched columns' Gram is that of the estimates' sketched columns (domains keep their last estimate)
+    est = np.zeros((M, D))
+    for r in range(3):
+        present = single[r]["present"]
+        est[present] = np.nan_to_num(single[r]["means"])[present]
+        sk = est[:, SKETCHED.numpy()]
+        np.testing.assert_allclose(single[r]["gram_sketched"], sk @ sk.T, rtol=1e-4, atol=1e-5)
+        assert np.abs(single[r]["gram_sketched"]).max() < np.abs(single[r]["gram"]).max() + 1e-9
     for r in range(3):
         assert not single[r]["present"][r % M] and single[r]["present"][(r + 1) % M]

@@ -8,6 +8,7 @@ import torch
 
 from rnb_ray.balance.gram import gram
 from rnb_ray.balance.sketch import (
+    frequent_rows,
     gram_relative_error,
     hash_rows,
     make_layer_sketch,
@@ -97,3 +98,48 @@ def test_row_hash_gram_is_unbiased_and_tracks_heavy_rows():
     err_gauss = np.mean([gram_relative_error(exact, gram(np.stack(
         [sketch_matrix(g, make_layer_sketch(out, inp, 64 * inp, seed=s)).numpy() for g in grads]))) for s in range(8)])
     assert err_hash < 0.5 * err_gauss, (err_hash, err_gauss)
+
+
+def test_row_hash_keeps_given_rows_exact():
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(50, 6, generator=gen)
+    rows = torch.tensor([31, 2, 7])
+    rh = make_row_hash(50, 6, 8, seed=0, exact_rows=rows)
+    assert (rh.exact, rh.hashed, rh.buckets) == (3, 5, 8)
+    out = row_hash_matrix(grad, rh).view(8, 6)
+    torch.testing.assert_close(out[:3], grad[torch.tensor([2, 7, 31])])  # in ascending row order
+    rest = torch.tensor([v for v in range(50) if v not in (2, 7, 31)])
+    assert int(rh.index[rest].min()) >= 3  # every other row is hashed into the 5 shared buckets
+    assert torch.isfinite(out).all() and out[3:].abs().sum() > 0
+    delta, h = torch.randn(4, 50, generator=gen), torch.randn(4, 6, generator=gen)
+    torch.testing.assert_close((hash_rows(delta, rh).T @ h).reshape(-1), row_hash_matrix(delta.T @ h, rh),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fewer than"):
+        make_row_hash(50, 6, 3, seed=0, exact_rows=rows)  # no bucket left for the other rows
+    with pytest.raises(ValueError, match="lie in"):
+        make_row_hash(50, 6, 8, seed=0, exact_rows=torch.tensor([50]))
+
+
+def test_frequent_rows_by_count_ties_to_the_lower_row():
+    counts = torch.tensor([0.0, 5, 1, 5, 0, 9, 1])
+    assert frequent_rows(counts, 3).tolist() == [1, 3, 5]
+    assert frequent_rows(counts, 4).tolist() == [1, 2, 3, 5]
+    assert frequent_rows(counts, 10).tolist() == [1, 2, 3, 5, 6]  # never a row that was not seen
+
+
+def test_frequent_rows_make_the_row_hash_track_a_zipfian_head():
+    """A head whose gradient lives mostly on frequent tokens' rows: keeping those exact cuts the Gram error."""
+    rng = np.random.default_rng(0)
+    out, inp, m = 3000, 16, 6
+    freq = 1.0 / np.arange(1, out + 1)  # Zipf
+    grads = [torch.tensor(freq[:, None] * rng.standard_normal((out, inp)) + 0.3 * freq[:, None] * rng.standard_normal((1, inp)),
+                          dtype=torch.float32) for _ in range(m)]
+    exact = gram(np.stack([g.reshape(-1).numpy() for g in grads]))
+
+    def err(n_exact):
+        return np.mean([gram_relative_error(exact, gram(np.stack([row_hash_matrix(g, make_row_hash(
+            out, inp, 128, seed=s, exact_rows=frequent_rows(torch.tensor(freq), n_exact) if n_exact else None)).numpy()
+            for g in grads]))) for s in range(6)])
+
+    plain, frequent = err(0), err(96)
+    assert frequent < 0.25 * plain, (frequent, plain)
