@@ -318,19 +318,34 @@ if os.environ.get("RNB_BENCH_SMOKE"):  # a smoke test of the code path only (tin
 ROWHASH_BUCKETS = (2048,)  # a larger row hash measured alongside the default
 
 
-def domains_corpus(root: Path, m: int) -> Path:
+def domains_corpus(root: Path, m: int, long_docs: bool = False) -> Path:
     """The sample corpus dealt round-robin (in a seeded random order) into m domains: every domain gets
-    ⌊n/m⌋ or ⌈n/m⌉ documents, so 256 domains still have a held-out split."""
+    ⌊n/m⌋ or ⌈n/m⌉ documents, so 256 domains still have a held-out split. ``long_docs``: documents made of
+    consecutive sample texts (five seeded passes) of ≥ 800 characters each, so every example fills
+    ``seq_len`` = 128 tokens and every batch costs the same whatever the mixture draws — the sample texts
+    themselves are short (median 127 characters), and batches padded to their longest text made the two arms
+    of a pair train on different numbers of tokens (10 % apart in one run)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from rnb_ray.sample import write_sample_corpus
 
     table = pq.read_table(write_sample_corpus(root / "sample.parquet"))
+    if long_docs:
+        texts = table.column("text").to_pylist()
+        rng = np.random.default_rng(0)
+        docs, cur = [], []
+        for _ in range(5):
+            for i in rng.permutation(len(texts)):
+                cur.append(texts[i])
+                if sum(len(t) for t in cur) >= 800:
+                    docs.append("\n\n".join(cur))
+                    cur = []
+        table = pa.table({"text": docs})
     order = np.random.default_rng(0).permutation(table.num_rows)
     dom = np.empty(table.num_rows, dtype=object)
     dom[order] = [f"d{i % m:03d}" for i in range(table.num_rows)]
-    path = root / f"corpus_{m}.parquet"
+    path = root / f"corpus_{m}{'_long' if long_docs else ''}.parquet"
     pq.write_table(table.append_column("domain", pa.array(dom.tolist())), path, row_group_size=256)
     return path
 
@@ -370,7 +385,7 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
 
     if any(W > 1 for _, W in cases):
         connect(None, num_cpus=2)
-    data = {m: domains_corpus(root, m) for m in sorted({m for m, _ in cases})}
+    data = {m: domains_corpus(root, m, long_docs=True) for m in sorted({m for m, _ in cases})}
     out: dict = {"settings": GPT2 | {"steps": args.gpt2_steps, "pairs": args.pairs, "eval_max_per_domain": 1},
                  "runs": {}}
     arms = [("stratified", {"strategy": "stratified"}), ("rnb", {"strategy": "rnb"})]
@@ -382,6 +397,7 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                 cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
                                   steps=args.gpt2_steps, eval_every=args.gpt2_steps, log_every=GPT2["update_every"],
                                   eval_max_per_domain=1, eval_fraction=eval_fraction(m), lr=5e-4, warmup_steps=2,
+                                  seed=rep,  # both arms of a pair draw from the same seed; pairs differ
                                   capture_budget_mb=args.capture_budget_mb, model=args.model, **GPT2, **kw)
                 if W == 1:  # the same Trainer loop (LocalRuntime, the Mixer as an object) in a fresh process,
                     # so peak memory is the run's own: no Ray Train start-up (minutes on a loaded 2-core machine)

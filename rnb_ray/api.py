@@ -113,7 +113,10 @@ class GradientCapture:
     ``"head+last_block"``, or comma-separated module names (``nn.Linear`` or GPT-2's ``Conv1D``).
     ``sketch_dim > 0`` keeps a sketch of each layer's per-domain gradient instead of the exact sum (for large
     heads; see ``balance/sketch.py``): ``sketch_kind="rowhash"`` hashes the layer's rows into ``sketch_dim``
-    buckets (``sketch_dim``·in numbers), ``"gaussian"`` projects both sides (``sketch_dim`` numbers). Create it *before* wrapping the model in DDP.
+    buckets (``sketch_dim``·in numbers), ``"gaussian"`` projects both sides (``sketch_dim`` numbers).
+    ``exact_rows`` (row hash): ``{layer name: row ids}`` kept exact in buckets of their own — for an LM head,
+    the most frequent tokens (``rnb_ray.balance.sketch.frequent_rows(token_counts, k)``), which carry most of
+    its gradient; every worker must pass the same rows. Create it *before* wrapping the model in DDP.
 
     Per step: ``with capture.batch(domains, token_mask):`` around the forward and backward of a batch whose
     examples belong to ``domains`` (B,). Per round: ``take()`` → (sums (m, D) float32, counts (m,)) and reset.
@@ -136,7 +139,8 @@ class GradientCapture:
     """
 
     def __init__(self, model: nn.Module, num_domains: int, layers: str = "head", *, sketch_dim: int = 0,
-                 sketch_kind: str = "rowhash", seed: int = 0, device: torch.device | str | None = None):
+                 sketch_kind: str = "rowhash", exact_rows: dict[str, Any] | None = None, seed: int = 0,
+                 device: torch.device | str | None = None):
         if num_domains < 1:
             raise RnbError(f"num_domains is {num_domains}", where="GradientCapture", fix="give at least 1 domain")
         try:
@@ -147,10 +151,13 @@ class GradientCapture:
         if device is None:
             device = next(iter(modules.values())).weight.device
         try:
-            self._capture = DomainGradCapture(modules, num_domains, sketch_dim=sketch_dim, seed=seed, device=device,
-                                              sketch_kind=sketch_kind)
+            self._capture = DomainGradCapture(
+                modules, num_domains, sketch_dim=sketch_dim, seed=seed, device=device, sketch_kind=sketch_kind,
+                exact_rows={k: torch.as_tensor(v) for k, v in (exact_rows or {}).items()})
         except ValueError as e:
-            fix = "use sketch_kind='rowhash' or 'gaussian'" if "sketch kind" in str(e) else "capture each layer once"
+            fix = ("use sketch_kind='rowhash' or 'gaussian'" if "sketch kind" in str(e) else
+                   "give fewer exact rows than sketch_dim buckets, within the layer" if "exact rows" in str(e) else
+                   "capture each layer once")
             raise RnbError(str(e), where="GradientCapture", fix=fix) from e
 
     @property

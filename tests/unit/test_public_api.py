@@ -35,6 +35,26 @@ def test_capture_sums_are_per_domain_autograd():
         np.testing.assert_allclose(sums[d], model[2].weight.grad.reshape(-1).numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_row_hash_capture_with_exact_rows():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 12))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 11])
+    doms = torch.tensor([0, 0, 0, 1, 1, 1])
+    cap = GradientCapture(model, 2, sketch_dim=4, exact_rows={"2": [11, 0]})
+    assert cap.dim == 4 * 8  # 4 buckets (rows 0 and 11 exact, two shared) × 8 inputs
+    with cap.batch(doms):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    sums, _ = cap.take()
+    cap.remove()
+    for d in range(2):
+        model.zero_grad()
+        sel = doms == d
+        torch.nn.functional.cross_entropy(model(x[sel]), y[sel], reduction="sum").backward()
+        np.testing.assert_allclose(sums[d].reshape(4, 8)[:2], model[2].weight.grad[[0, 11]].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RnbError, match="exact rows"):
+        GradientCapture(model, 2, sketch_dim=2, exact_rows={"2": [0, 1, 2]})
+
+
 def test_capture_bad_input_is_rnb_error():
     model = _mlp()
     with pytest.raises(RnbError, match="bad layers 'nope'"):
