@@ -443,37 +443,56 @@ class _OneWorker:
         return x
 
 
+class _HeadSetup:
+    """One in-process GPT-2-small-shape run capturing the head (the agreement and step studies): config, plan,
+    tokenizer, a seeded model and optimizer, the training sampler and the capture the budget chooses."""
+
+    def __init__(self, data: Path, m: int, budget_mb: float, model_path: str | None = None) -> None:
+        from rnb_ray.balance.capture import layer_shapes
+        from rnb_ray.balance.sketch import choose_capture
+
+        self.cfg = cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m),
+                                     capture_budget_mb=budget_mb, model=model_path, **GPT2)
+        self.plan = prepare_plan(cfg)
+        self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
+        torch.manual_seed(0)
+        self.model = model_for(cfg, self.tok)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.sampler = self._sampler(cfg.seed)
+        self.modules = find_capture_modules(self.model, "head")
+        (self.out_f, self.in_f), = layer_shapes(self.modules)
+        self.choice = choose_capture([(self.out_f, self.in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
+
+    def _sampler(self, seed: int) -> DomainSampler:
+        return DomainSampler(worker_streams(self.plan, 0, 1, seed, SourceReader(self.plan), buffer=self.cfg.shuffle_buffer),
+                             seed=seed * 1009)
+
+    def token_counts(self) -> torch.Tensor:
+        """The trainer's frequent-row counts: tokens from a separate sampler (another seed), as
+        ``Trainer._token_counts``."""
+        from rnb_ray.balance.step import token_counts
+
+        return token_counts(self._sampler(self.cfg.seed + 7919), self.plan.m, self.cfg.batch_size, self.tok,
+                            self.cfg.seq_len, self.out_f)
+
+
 def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str | None = None) -> dict:
     """R&B's cost per step without run-to-run noise: in one process, the same model and batches, steps with the
     default capture and without it alternate (A B B A …), and every ``update_every`` captured steps the round's
     reduction (``RoundReducer``, one worker) and the mixture update are timed too. Whole-run pairs on this
     shared 2-core machine differ by ±5–10 % run to run (and the first run of a process by more); a 1 % effect
     needs this."""
-    from rnb_ray.balance.capture import layer_shapes
     from rnb_ray.balance.round_reduce import RoundReducer
-    from rnb_ray.balance.sketch import choose_capture, frequent_rows
-    from rnb_ray.balance.step import token_counts
+    from rnb_ray.balance.sketch import frequent_rows
 
-    data = domains_corpus(root, m, long_docs=True)
-    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m),
-                      capture_budget_mb=budget_mb, model=model_path, **GPT2)
-    plan = prepare_plan(cfg)
-    tok = load_tokenizer(cfg.model, cfg.tokenizer)
-    torch.manual_seed(0)
-    model = model_for(cfg, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, SourceReader(plan), buffer=cfg.shuffle_buffer),
-                            seed=cfg.seed * 1009)
-    modules = find_capture_modules(model, "head")
-    (out_f, in_f), = layer_shapes(modules)
-    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
+    st = _HeadSetup(domains_corpus(root, m, long_docs=True), m, budget_mb, model_path)
+    cfg, plan, tok, model, opt, sampler, modules, out_f, choice = (st.cfg, st.plan, st.tok, st.model, st.opt,
+                                                                   st.sampler, st.modules, st.out_f, st.choice)
     k = choice.sketch_dim
     t0 = time.perf_counter()
     exact_rows = {}
     if k and k < out_f:
-        counts = token_counts(DomainSampler(worker_streams(plan, 0, 1, cfg.seed + 7919, SourceReader(plan),
-                                                           buffer=cfg.shuffle_buffer), seed=(cfg.seed + 7919) * 1009),
-                              plan.m, cfg.batch_size, tok, cfg.seq_len, out_f)
+        counts = st.token_counts()
         exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
     t_count = time.perf_counter() - t0
     cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
@@ -546,7 +565,6 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
     same seed); exact sums are held only for the round's domains (slots) and the domains seen so far, so 256
     domains fit in memory. Alternatives measured alongside (not the default): the Gaussian sketch the budget
     would pick with ``--sketch-kind gaussian`` (the previous default) and row hashes of other sizes."""
-    from rnb_ray.balance.capture import layer_shapes
     from rnb_ray.balance.gram import expected_sketch_error
     from rnb_ray.balance.sketch import (
         choose_capture,
@@ -557,27 +575,14 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
         row_hash_matrix,
         sketch_matrix,
     )
-    from rnb_ray.balance.step import token_counts
 
-    data = domains_corpus(root, m)
-    cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m), **GPT2)
-    plan = prepare_plan(cfg)
-    tok = load_tokenizer(cfg.model, cfg.tokenizer)
-    torch.manual_seed(0)
-    model = model_for(cfg, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sampler = DomainSampler(worker_streams(plan, 0, 1, cfg.seed, SourceReader(plan), buffer=cfg.shuffle_buffer),
-                            seed=cfg.seed * 1009)
-    modules = find_capture_modules(model, "head")
-    (out_f, in_f), = layer_shapes(modules)
-    choice = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
+    st = _HeadSetup(domains_corpus(root, m), m, budget_mb)
+    cfg, plan, tok, model, opt, sampler, modules, out_f, in_f, choice = (
+        st.cfg, st.plan, st.tok, st.model, st.opt, st.sampler, st.modules, st.out_f, st.in_f, st.choice)
     if not choice.sketch_dim:
         return {"m": m, "capture": choice.as_dict(), "note": "default is exact: agreement 1 by construction"}
     seed0 = cfg.seed * 1_000_003  # the capture's own seed for its first layer
-    # The trainer's frequent rows: token counts from a separate sampler (another seed), as Trainer._token_counts
-    counts = token_counts(DomainSampler(worker_streams(plan, 0, 1, cfg.seed + 7919, SourceReader(plan),
-                                                       buffer=cfg.shuffle_buffer), seed=(cfg.seed + 7919) * 1009),
-                          plan.m, cfg.batch_size, tok, cfg.seq_len, out_f)
+    counts = st.token_counts()
     gauss = choose_capture([(out_f, in_f)], m, 1, int(budget_mb * 2**20), kind="gaussian")
     k = choice.sketch_dim
     sketches = {"default": ("rowhash", k, int(k * cfg.sketch_frequent_rows)),
