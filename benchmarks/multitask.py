@@ -264,11 +264,11 @@ def score(run: Path, corpus: Path) -> dict[str, Any]:
             "seen_by_task": seen, "unseen_by_task": unseen}
 
 
-def score_base(model_dir: str, corpus: Path, seq_len: int) -> dict[str, Any] | None:
-    """The base model's losses before any fine-tuning (the reference every arm starts from), cached."""
-    cache = Path(model_dir) / "scores.json"
-    if not Path(model_dir).is_dir():
-        return None  # a GGUF base: not scored here
+def score_base(model_dir: str, corpus: Path, seq_len: int, work: Path) -> dict[str, Any]:
+    """The base model's losses before any fine-tuning (the reference every arm starts from), cached (in the
+    model directory, or in ``work`` for a GGUF file)."""
+    base = Path(model_dir)
+    cache = base / "scores.json" if base.is_dir() else work / f"base_scores_{base.stem}_{seq_len}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     from rnb_ray.balance.lm import build_model, load_tokenizer
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "pretrain":
         return 0
     paths: dict[str, Any] = {"corpus": str(corpus), "model": model}
-    pre["scores_before_finetuning"] = score_base(model, corpus, s.seq_len)
+    pre["scores_before_finetuning"] = score_base(model, corpus, s.seq_len, work)
     regroup: dict[str, Any] = {"k": None}
     if any(ARMS[a].domains == "regrouped" or ARMS[a].target == "unseen" for a in arms):
         import ray
