@@ -292,6 +292,7 @@ def same_finished_run(run: Path, cfg: Any) -> bool:
 def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path, options: dict,
             reuse: bool = True, tag: str = "") -> dict[str, Any]:
     from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.costs import mixing_seconds
     from rnb_ray.balance.train import train
 
     run = work / f"runs{tag}" / f"{arm.name.replace('/', '_')}_s{seed}"  # a tag keeps variants apart
@@ -323,7 +324,7 @@ def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path,
         return rec
     summ = res.summary
     train_s = summ.get("seconds_train") or float("nan")
-    overhead_s = (summ.get("seconds_capture") or 0) + (summ.get("seconds_mixer") or 0) + (summ.get("extra_seconds") or 0)
+    overhead_s = mixing_seconds(summ)
     flops_train = summ.get("flops_train") or float("nan")
     rec.update(
         ok=True,

@@ -290,6 +290,7 @@ def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path,
     """Train (or reuse) and score one arm at one seed; with ``train=False`` a run not already finished is
     skipped (None)."""
     from rnb_ray.balance.config import TrainConfig
+    from rnb_ray.balance.costs import mixing_seconds
     from rnb_ray.balance.trainer import run_training_loop
     from rnb_ray.config import save_config
 
@@ -332,7 +333,7 @@ def run_arm(arm: Arm, seed: int, s: Settings, paths: dict[str, Any], work: Path,
         print(f"  {arm.name} seed {seed}: FAILED {rec['error']}", flush=True)
         return rec
     train_s = summ.get("seconds_train") or float("nan")
-    overhead_s = (summ.get("seconds_capture") or 0) + (summ.get("seconds_mixer") or 0) + (summ.get("extra_seconds") or 0)
+    overhead_s = mixing_seconds(summ)
     flops_train = summ.get("flops_train") or float("nan")
     rec.update(ok=True, **sc, final_train_loss=summ.get("final_train_loss"), tokens=summ.get("tokens"),
                seconds_train=train_s, overhead_seconds=overhead_s, overhead_share=overhead_s / train_s,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rnb_ray.balance.costs import step_seconds
 from rnb_ray.errors import RnbError
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -101,13 +102,10 @@ def scalars(row: dict[str, Any], domains: list[str], tokens_per_s: float | None)
 
 
 def tokens_per_s(prev: dict[str, Any] | None, row: dict[str, Any]) -> float | None:
-    """Training throughput: Δtokens over Δ(rank 0's step time: train + capture + mixer wait) since ``prev``
+    """Training throughput: Δtokens over Δ(rank 0's step time: train + capture + round reduction + mixer wait) since ``prev``
     (the average since step 0 without one; the counters are cumulative)."""
 
-    def busy(r: dict[str, Any]) -> float:
-        return sum(float(r.get(k) or 0.0) for k in ("seconds_train", "seconds_capture", "seconds_mixer"))
-
-    dt = busy(row) - (busy(prev) if prev is not None else 0.0)
+    dt = step_seconds(row) - (step_seconds(prev) if prev is not None else 0.0)
     dtok = float(row.get("tokens") or 0) - (float(prev.get("tokens") or 0) if prev is not None else 0.0)
     return dtok / dt if dt > 0 and dtok >= 0 else None
 

@@ -29,7 +29,7 @@ def run_train(args: argparse.Namespace) -> int:
         "final_train_loss": result.final_train_loss, "mixture": result.mixture,
         "rounds": s.get("rounds"), "skipped_rounds": s.get("skipped_rounds"),
         "seconds": {k: round(float(s[k]), 3) for k in ("seconds_total", "seconds_train", "seconds_capture",
-                                                        "seconds_mixer", "extra_seconds") if s.get(k) is not None},
+                                                        "seconds_reduce", "seconds_mixer", "extra_seconds") if s.get(k) is not None},
         "balance_flops_ratio": s.get("balance_flops_ratio"),
     }, indent=2))
     return 0

@@ -140,7 +140,7 @@ def _summary(run: RunFiles, d: dict[str, Any]) -> str:
                      f"balance {balance:.3g} ({100 * balance / train_flops:.3g}%), "
                      f"extra evaluation passes {extra:.3g} ({100 * extra / train_flops:.3g}%)"))
         rows.append(("mixing cost, seconds",
-                     f"capture {res.get('seconds_capture', 0):.3g}, mixer round-trip {res.get('seconds_mixer', 0):.3g}, "
+                     f"capture {res.get('seconds_capture', 0):.3g}, round reduction {res.get('seconds_reduce', 0):.3g}, mixer round-trip {res.get('seconds_mixer', 0):.3g}, "
                      f"extra evaluation {res.get('extra_seconds', 0):.3g} (training {res.get('seconds_train', 0):.3g})"))
     pipe = d["pipeline"] or {}
     for stage, info in (pipe.get("stages") or {}).items():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from rnb_ray.balance.costs import mixing_seconds, step_seconds
 from rnb_ray.balance.progress import ProgressPrinter, format_progress
 from rnb_ray.balance.tracking import (
     Tracking,
@@ -112,3 +113,11 @@ def test_bad_tracking_settings_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "is not writable" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_step_and_mixing_seconds_count_the_workers_round_reduction():
+    row = _row(10) | {"seconds_capture": 0.4, "seconds_reduce": 0.6, "seconds_mixer": 0.1, "extra_seconds": 2.0}
+    assert step_seconds(row) == pytest.approx(5.0 + 0.4 + 0.6 + 0.1)  # extra evaluation passes are not steps
+    assert mixing_seconds(row) == pytest.approx(0.4 + 0.6 + 0.1 + 2.0)
+    # throughput divides by the same step time: 10,000 tokens over 6.1 s
+    assert tokens_per_s(None, row) == pytest.approx(10_000 / 6.1)
