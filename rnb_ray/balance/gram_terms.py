@@ -52,6 +52,10 @@ class DomainEstimates:
         # The Gram matrix over the sketched columns alone (``sketched``: which of these columns are sketched;
         # None: no sketch): what the sketch's error estimate scales with. Exact rows add no error.
         self.sketched = None if sketched is None or not bool(sketched.any()) else sketched.to(device)
+        # Sketched and exact columns come in contiguous runs (a row hash stores its exact rows first), so G's
+        # block is summed from GEMMs over column slices (views): the sketched part is T, and G costs no more
+        # than without the estimate.
+        self._runs = [] if self.sketched is None else column_runs(self.sketched.cpu())
         self.gram_sketched = torch.zeros(m, m, dtype=torch.float64)
         self.seen = torch.zeros(m, dtype=torch.bool)
         self.flops = 0
@@ -66,13 +70,14 @@ class DomainEstimates:
         self.est.index_copy_(0, idx, shard.index_select(0, idx).float() * scale[:, None])
         self.seen[rows] = True
         present = self.est.index_select(0, idx)
-        block = present @ self.est.T  # float32 GEMM (BLAS-blocked sums)
         self.flops += 2 * rows.numel() * self.m * self.cols
-        if self.sketched is not None:  # the same rows over the sketched columns: (|P|, 2m)
-            sub = self.sketched.nonzero().reshape(-1)
-            block = torch.cat([block, present.index_select(1, sub) @ self.est.index_select(1, sub).T], dim=1)
-            self.flops += 2 * rows.numel() * self.m * int(sub.numel())
-        return rows, block.double().cpu()
+        if self.sketched is None:
+            return rows, (present @ self.est.T).double().cpu()  # float32 GEMM (BLAS-blocked sums)
+        exact = torch.zeros(rows.numel(), self.m, dtype=torch.float32, device=self.est.device)
+        sk = torch.zeros_like(exact)
+        for a, b, is_sketched in self._runs:  # (|P|, 2m): G's block, then T's (the sketched columns alone)
+            (sk if is_sketched else exact).addmm_(present[:, a:b], self.est[:, a:b].T)
+        return rows, torch.cat([exact + sk, sk], dim=1).double().cpu()
 
     @property
     def block_width(self) -> int:
@@ -108,3 +113,13 @@ class DomainEstimates:
         self.seen.copy_(torch.as_tensor(state["seen"], dtype=torch.bool))
         if "gram_sketched" in state:  # absent in checkpoints from before the error estimate used it
             self.gram_sketched.copy_(torch.as_tensor(state["gram_sketched"], dtype=torch.float64))
+
+
+def column_runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """The maximal runs ``[a, b)`` of equal values of a bool vector, with their value."""
+    n = int(mask.numel())
+    if n == 0:
+        return []
+    edges = (torch.nonzero(mask[1:] != mask[:-1]).reshape(-1) + 1).tolist()
+    bounds = [0, *edges, n]
+    return [(a, b, bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rnb_ray.balance.gram import domain_means, expected_sketch_error, gram, gram_terms_dense
-from rnb_ray.balance.gram_terms import DomainEstimates, nonfinite_rows
+from rnb_ray.balance.gram_terms import DomainEstimates, column_runs, nonfinite_rows
 from rnb_ray.balance.sketch import AUTO_MAX_BUCKETS, AUTO_MAX_SKETCH, choose_capture, effective_dims
 
 
@@ -109,10 +109,11 @@ def test_expected_sketch_error_shrinks_with_the_sketch():
     assert expected_sketch_error(np.zeros((2, 2)), [64.0]) is None
 
 
-def test_estimates_keep_the_gram_of_the_sketched_columns():
+@pytest.mark.parametrize("pattern", ["0000001111", "0011101001"])  # a row hash's layout; runs of both kinds
+def test_estimates_keep_the_gram_of_the_sketched_columns(pattern):
     rng = np.random.default_rng(3)
     m, D = 4, 10
-    mask = torch.arange(D) >= 6
+    mask = torch.tensor([c == "1" for c in pattern])
     est = DomainEstimates(m, D, sketched=mask)
     sums = torch.as_tensor(rng.normal(size=(m, D)), dtype=torch.float32)
     counts = torch.tensor([1, 2, 0, 1])
@@ -122,9 +123,16 @@ def test_estimates_keep_the_gram_of_the_sketched_columns():
     means = (sums / counts.clamp(min=1)[:, None]).double().numpy()
     means[2] = 0
     np.testing.assert_allclose(est.gram.numpy(), means @ means.T, rtol=1e-5, atol=1e-6)
-    tail = means[:, 6:]
+    tail = means[:, mask.numpy()]
     np.testing.assert_allclose(est.gram_sketched.numpy(), tail @ tail.T, rtol=1e-5, atol=1e-6)
     # the error estimate scales with the sketched part only: exact columns add none
     G, T = est.gram.numpy(), est.gram_sketched.numpy()
     assert expected_sketch_error(G, [64.0], T) < expected_sketch_error(G, [64.0])
     assert DomainEstimates(m, D, sketched=torch.zeros(D, dtype=torch.bool)).block_width == m  # nothing sketched
+
+
+def test_column_runs():
+    runs = column_runs(torch.tensor([c == "1" for c in "0011101001"]))
+    assert runs == [(0, 2, False), (2, 5, True), (5, 6, False), (6, 7, True), (7, 9, False), (9, 10, True)]
+    assert column_runs(torch.ones(3, dtype=torch.bool)) == [(0, 3, True)]
+    assert column_runs(torch.zeros(0, dtype=torch.bool)) == []
