@@ -29,11 +29,18 @@ from typing import Any
 import torch
 
 
-def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """(m,) float: 1 where a row holds a NaN/inf (its sum is then non-finite, or it overflows, equally unusable)."""
+def nonfinite_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(m,) float: 1 where a row holds a NaN/inf (its sum is then non-finite, or it overflows, equally unusable).
+    ``rows``: check only these (the others count as finite: rows no worker wrote are zeros)."""
     if x.numel() == 0:
         return torch.zeros(x.shape[0], dtype=torch.float64)
-    return (~torch.isfinite(x.sum(dim=1))).double().cpu()  # overflow to inf is as unusable as a NaN
+    if rows is None:
+        return (~torch.isfinite(x.sum(dim=1))).double().cpu()  # overflow to inf is as unusable as a NaN
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    if rows.numel():
+        sums = torch.stack([x[r].sum() for r in rows.tolist()])  # row views: no gather copy; one device sync
+        out[rows.cpu()] = (~torch.isfinite(sums)).double().cpu()
+    return out
 
 
 class DomainEstimates:

@@ -51,10 +51,18 @@ class RoundReducer:
         rt, m, dev, multi = self.rt, self.m, self.rt.device, self.rt.world > 1
         shard = rt.reduce_scatter_cols(sums) if sums is not None else None
         eshard = rt.reduce_scatter_cols(eval_sum.reshape(1, -1))[0] if eval_sum is not None else None
-        bad = nonfinite_rows(shard) if shard is not None else torch.zeros(m, dtype=torch.float64)
-        small = torch.cat([counts.double().cpu(), bad, torch.tensor([float(eval_count)], dtype=torch.float64)])
+        small = torch.cat([counts.double().cpu(), torch.tensor([float(eval_count)], dtype=torch.float64)])
         small = rt.all_reduce(small.to(dev)).cpu()
-        counts_g, ok, eval_n = small[:m].round().long(), small[m:2 * m] == 0, int(small[2 * m])
+        counts_g, eval_n = small[:m].round().long(), int(small[m])
+        # Non-finite rows, among the domains some worker saw (the others are zeros on every worker): a pass
+        # over those rows of this worker's columns, then one more all-reduce of m numbers.
+        ok = torch.ones(m, dtype=torch.bool)
+        if shard is not None:
+            bad = nonfinite_rows(shard, torch.nonzero(counts_g > 0).reshape(-1))
+            if multi:
+                bad = rt.all_reduce(bad.to(dev)).cpu()
+                self.bytes_collective += m * 8
+            ok = bad == 0
         # Plain numpy copies: a view into a torch tensor's storage (with an offset) does not pickle for Ray.
         out: dict[str, Any] = {"counts": counts_g.numpy().copy(), "present": ((counts_g > 0) & ok).numpy().copy()}
         if multi:

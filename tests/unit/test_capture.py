@@ -383,3 +383,27 @@ def test_row_hash_capture_keeps_frequent_rows_exact(model):
     torch.testing.assert_close(means.view(3, 16, 16)[:, :3], exact[:, rows], rtol=1e-4, atol=1e-5)
     assert cap.sketched_columns().view(16, 16)[:3].sum() == 0 and cap.sketched_columns().view(16, 16)[3:].all()
     assert cap.effective_dims() == [13.0]
+
+
+@pytest.mark.parametrize("m", [8, 3])  # few domains touched (only their rows are zeroed) or most of them
+def test_reset_starts_the_next_round_from_zero(model, m):
+    modules = find_capture_modules(model, "head")
+    ids, mask, domains = _batch(1)
+    second = torch.tensor([1, 1, 1, 1, 1, 1, 1])
+    cap = DomainGradCapture(modules, m)
+    try:
+        for doms in (domains, second):  # round 1 (domains 0, 1, 2), reset, round 2 (domain 1 only)
+            cap.begin(doms, grad_token_mask(mask), scale=len(ids))
+            _loss(model, ids, mask).mean().backward()
+            cap.end()
+            model.zero_grad()
+            if doms is domains:
+                cap.reset()
+        sums, counts = cap.sums.clone(), cap.counts.clone()
+    finally:
+        cap.remove()
+        model.zero_grad()
+    assert counts.tolist() == [0, 7] + [0] * (m - 2)
+    assert torch.count_nonzero(sums[[d for d in range(m) if d != 1]]) == 0  # nothing left from round 1
+    want, _, _ = _captured_means(model, modules, ids, mask, second, m)
+    torch.testing.assert_close(sums[1] / 7, want[1], rtol=1e-5, atol=1e-6)

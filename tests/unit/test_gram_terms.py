@@ -136,3 +136,11 @@ def test_column_runs():
     assert runs == [(0, 2, False), (2, 5, True), (5, 6, False), (6, 7, True), (7, 9, False), (9, 10, True)]
     assert column_runs(torch.ones(3, dtype=torch.bool)) == [(0, 3, True)]
     assert column_runs(torch.zeros(0, dtype=torch.bool)) == []
+
+
+def test_nonfinite_rows_checks_only_the_rows_given():
+    x = torch.ones(4, 5)
+    x[1, 2], x[3, 0] = float("nan"), float("inf")
+    assert nonfinite_rows(x).tolist() == [0, 1, 0, 1]
+    assert nonfinite_rows(x, torch.tensor([0, 1])).tolist() == [0, 1, 0, 0]  # row 3 not asked about
+    assert nonfinite_rows(x, torch.tensor([], dtype=torch.long)).tolist() == [0, 0, 0, 0]

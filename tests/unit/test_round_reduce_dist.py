@@ -43,7 +43,11 @@ def _inputs(rank: int, rnd: int):
     counts = torch.randint(0, 3, (M,), generator=g)
     counts[rnd % M] = 0  # absent from round rnd on both workers: keeps its last estimate
     counts[(rnd + 1) % M] = 1 + rank  # present in every round on both workers
+    if rnd == 2 and rank == 1:
+        counts[(rnd + 2) % M] = 1
     sums = torch.randn(M, D, generator=g) * counts[:, None]
+    if rnd == 2 and rank == 1:  # a NaN on the second worker's columns only: both workers must drop the domain
+        sums[(rnd + 2) % M, D - 1] = float("nan")
     return sums, counts, torch.randn(D, generator=g), 2
 
 
@@ -117,3 +121,5 @@ def test_two_gloo_workers_equal_one_process_on_the_union():
         assert np.abs(single[r]["gram_sketched"]).max() < np.abs(single[r]["gram"]).max() + 1e-9
     for r in range(3):
         assert not single[r]["present"][r % M] and single[r]["present"][(r + 1) % M]
+    assert single[2]["counts"][0] > 0 and not single[2]["present"][0]  # the NaN round: seen, but not used
+    assert not results[0][2]["present"][0] and np.isfinite(results[0][2]["gram"]).all()
