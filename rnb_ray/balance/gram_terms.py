@@ -52,17 +52,25 @@ class DomainEstimates:
     these columns. A domain never seen has a zero estimate (its row of G is zero), as in the paper's start.
     """
 
-    def __init__(self, m: int, cols: int, device: torch.device | str = "cpu", sketched: torch.Tensor | None = None):
+    def __init__(self, m: int, cols: int, device: torch.device | str = "cpu", sketched: torch.Tensor | None = None,
+                 track_sketched: bool | None = None):
         self.m, self.cols = m, cols
         self.est = torch.zeros(m, cols, dtype=torch.float32, device=device)
         self.gram = torch.zeros(m, m, dtype=torch.float64)
         # The Gram matrix over the sketched columns alone (``sketched``: which of these columns are sketched;
         # None: no sketch): what the sketch's error estimate scales with. Exact rows add no error.
-        self.sketched = None if sketched is None or not bool(sketched.any()) else sketched.to(device)
+        # ``track_sketched``: whether to return T's block at all — it must be the same on every worker (the
+        # blocks are all-reduced), so a worker whose columns are all exact (a row hash's exact rows fill the
+        # first shards) still returns zeros for T when another worker's columns are sketched. Default: whether
+        # these columns hold any sketched numbers.
+        has = sketched is not None and bool(sketched.any())
+        self.tracks_sketched = has if track_sketched is None else bool(track_sketched)
+        self.sketched = sketched.to(device) if self.tracks_sketched and sketched is not None else None
         # Sketched and exact columns come in contiguous runs (a row hash stores its exact rows first), so G's
         # block is summed from GEMMs over column slices (views): the sketched part is T, and G costs no more
         # than without the estimate.
-        self._runs = [] if self.sketched is None else column_runs(self.sketched.cpu())
+        self._runs = (column_runs(self.sketched.cpu()) if self.sketched is not None
+                      else [(0, cols, False)] if self.tracks_sketched else [])
         self.gram_sketched = torch.zeros(m, m, dtype=torch.float64)
         self.seen = torch.zeros(m, dtype=torch.bool)
         self.flops = 0
@@ -78,7 +86,7 @@ class DomainEstimates:
         self.seen[rows] = True
         present = self.est.index_select(0, idx)
         self.flops += 2 * rows.numel() * self.m * self.cols
-        if self.sketched is None:
+        if not self.tracks_sketched:
             return rows, (present @ self.est.T).double().cpu()  # float32 GEMM (BLAS-blocked sums)
         exact = torch.zeros(rows.numel(), self.m, dtype=torch.float32, device=self.est.device)
         sk = torch.zeros_like(exact)
@@ -89,7 +97,7 @@ class DomainEstimates:
     @property
     def block_width(self) -> int:
         """Numbers per present row that ``update_rows`` returns (m, or 2m with the sketched columns' Gram)."""
-        return self.m if self.sketched is None else 2 * self.m
+        return 2 * self.m if self.tracks_sketched else self.m
 
     def set_rows(self, rows: torch.Tensor, block: torch.Tensor) -> None:
         """Write the all-reduced block into G (both its rows and, by symmetry, its columns)."""
@@ -97,7 +105,7 @@ class DomainEstimates:
             m = self.m
             self.gram[rows, :] = block[:, :m]
             self.gram[:, rows] = block[:, :m].T
-            if self.sketched is not None:
+            if self.tracks_sketched:
                 self.gram_sketched[rows, :] = block[:, m:]
                 self.gram_sketched[:, rows] = block[:, m:].T
 

@@ -34,12 +34,12 @@ class RoundReducer:
         sketched_columns``); their Gram matrix comes back as ``gram_sketched`` for the error estimate."""
         self.rt, self.m, self.dim = rt, m, dim
         self.cols = -(-dim // rt.world)
-        mine = None
-        if sketched is not None and bool(sketched.any()):  # this worker's columns of the reduce-scatter
+        mine, track = None, sketched is not None and bool(sketched.any())  # the same on every worker
+        if track:  # this worker's columns of the reduce-scatter (may all be exact: it then adds zeros to T)
             padded = torch.zeros(self.cols * rt.world, dtype=torch.bool)
             padded[:dim] = sketched
             mine = padded[rt.rank * self.cols:(rt.rank + 1) * self.cols]
-        self.estimates = DomainEstimates(m, self.cols, device=rt.device, sketched=mine)
+        self.estimates = DomainEstimates(m, self.cols, device=rt.device, sketched=mine, track_sketched=track)
         self.seconds = 0.0  # this worker's wall time in the reduction (collectives + its share of the Gram)
         self.bytes_collective = 0  # bytes this worker handed to collectives, cumulative
         self.last_means: torch.Tensor | None = None  # only when asked (debug dumps)
@@ -85,7 +85,7 @@ class RoundReducer:
         n_block = rows.numel() * width
         self.estimates.set_rows(rows, vec[:n_block].view(rows.numel(), width))
         out["gram"] = self.estimates.gram.numpy().copy()
-        if self.estimates.sketched is not None:
+        if self.estimates.tracks_sketched:
             out["gram_sketched"] = self.estimates.gram_sketched.numpy().copy()
         if eshard is not None:
             out["eval_align"] = vec[n_block:n_block + m].numpy().copy()

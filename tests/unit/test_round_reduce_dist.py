@@ -7,6 +7,7 @@ import pickle
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,7 +16,10 @@ from rnb_ray.balance.round_reduce import RoundReducer
 from rnb_ray.balance.runtime import reduce_scatter_cols
 
 M, D = 4, 11  # D not a multiple of 2: the last shard is zero-padded
-SKETCHED = torch.arange(D) >= 4  # the columns holding sketched numbers (e.g. a row hash's hashed buckets)
+# The columns holding sketched numbers (a row hash's hashed buckets come after its exact rows): on both
+# workers' shards (columns 0-5 and 6-10), or only on the second's (the first then has none of its own).
+SKETCHED = torch.arange(D) >= 4
+ONLY_SECOND = torch.arange(D) >= 7
 
 
 class _GlooRuntime:
@@ -61,11 +65,11 @@ def _run(reducer: RoundReducer, parts: list) -> list[dict]:
     return out
 
 
-def _worker(rank: int, port: int, q) -> None:
+def _worker(rank: int, port: int, q, sketched) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, SKETCHED), [_inputs(rank, r) for r in range(3)])
+        res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, sketched), [_inputs(rank, r) for r in range(3)])
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -84,13 +88,14 @@ class _Single:
         return [obj]
 
 
-def test_two_gloo_workers_equal_one_process_on_the_union():
+@pytest.mark.parametrize("sketched", [SKETCHED, ONLY_SECOND], ids=["both_shards", "second_shard_only"])
+def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, q, sketched)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(q.get(timeout=120) for _ in procs)
@@ -100,7 +105,7 @@ def test_two_gloo_workers_equal_one_process_on_the_union():
     for r in range(3):
         a, b = _inputs(0, r), _inputs(1, r)
         union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
-    single = _run(RoundReducer(_Single(), M, D, SKETCHED), union)
+    single = _run(RoundReducer(_Single(), M, D, sketched), union)
     for r in range(3):
         for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
             got, want = results[rank][r], single[r]
@@ -116,7 +121,7 @@ def test_two_gloo_workers_equal_one_process_on_the_union():
     for r in range(3):
         present = single[r]["present"]
         est[present] = np.nan_to_num(single[r]["means"])[present]
-        sk = est[:, SKETCHED.numpy()]
+        sk = est[:, sketched.numpy()]
         np.testing.assert_allclose(single[r]["gram_sketched"], sk @ sk.T, rtol=1e-4, atol=1e-5)
         assert np.abs(single[r]["gram_sketched"]).max() < np.abs(single[r]["gram"]).max() + 1e-9
     for r in range(3):
