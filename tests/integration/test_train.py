@@ -1,4 +1,4 @@
-"""Balance on real Ray Train (2 gloo workers), real torch models, real parquet — kept to four trainer runs."""
+"""Balance on real Ray Train (2 gloo workers), real torch models, real parquet — kept to five small trainer runs."""
 
 from __future__ import annotations
 
@@ -122,6 +122,26 @@ def test_two_workers_aggregate_equals_single_process_on_the_union(rnb_run):
     rows = _rows(rnb_run)
     assert 0 < rows[-1]["bytes_to_mixer"] < 1024 and rows[-1]["bytes_collective"] > 0
     assert json.loads((rnb_run / "result.json").read_text())["capture"]["mode"] == "exact"
+
+
+def test_two_workers_with_the_row_hash_sketch(ray_session, regrouped, tmp_path):
+    """The default capture when exact sums exceed the budget (a row hash, frequent rows exact) over 2 workers:
+    the exact rows fill the first worker's columns entirely, so only the second holds sketched numbers — the
+    round's collectives must still agree (they once did not: gloo failed at the first round)."""
+    run = tmp_path / "rh"
+    _rnb(["--data", str(regrouped), "--output", str(run), "--strategy", "rnb", "--steps", "10",
+          "--eval-every", "10", "--debug-dump-rounds", "1", "--capture-budget-mb", "0.05", *COMMON])
+    result = json.loads((run / "result.json").read_text())
+    cap = result["capture"]
+    assert (cap["mode"], cap["kind"], cap["sketch_dim"]) == ("sketch", "rowhash", 64)
+    assert result["rounds"] == 2 and result["skipped_rounds"] == 0
+    errors = [r["sketch_gram_rel_error"] for r in _rows(run) if r.get("sketch_gram_rel_error") is not None]
+    assert errors and all(0 < e < 10 for e in errors)  # the hashed part (second worker's columns) counted
+    dumped = np.load(run / "debug" / "round_0000_grads.npz")
+    assert dumped["grads"].shape == (4, 64 * 32)  # 64 buckets × the 32-wide input, gathered from both workers
+    means = dumped["grads"][dumped["counts"] > 0]
+    gram = np.load(run / "mixer" / "round_0000.npz")["gram"][np.ix_(dumped["counts"] > 0, dumped["counts"] > 0)]
+    np.testing.assert_allclose(gram, means @ means.T, rtol=1e-4, atol=1e-8)
 
 
 def test_resume_continues_the_same_trajectory(ray_session, regrouped, rnb_run, tmp_path):
