@@ -82,9 +82,12 @@ class DomainEstimates:
             return rows, torch.zeros(0, self.block_width, dtype=torch.float64)
         idx = rows.to(self.est.device)
         scale = (1.0 / counts[rows].double()).to(torch.float32).to(self.est.device)
-        self.est.index_copy_(0, idx, shard.index_select(0, idx).float() * scale[:, None])
+        # One gather of the present rows, scaled in place, written back once (not gathered again: at 64
+        # domains every extra pass over |P| × cols is tens of MB).
+        present = shard.index_select(0, idx).float()
+        present.mul_(scale[:, None])
+        self.est.index_copy_(0, idx, present)
         self.seen[rows] = True
-        present = self.est.index_select(0, idx)
         self.flops += 2 * rows.numel() * self.m * self.cols
         if not self.tracks_sketched:
             return rows, (present @ self.est.T).double().cpu()  # float32 GEMM (BLAS-blocked sums)
