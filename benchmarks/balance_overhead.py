@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
+from rnb_ray.balance.costs import step_seconds  # noqa: E402
 from rnb_ray.balance.gram import domain_means, gram, rnb_mixture  # noqa: E402
 from rnb_ray.balance.lm import load_tokenizer, model_for  # noqa: E402
 from rnb_ray.balance.plan import SourceReader, prepare_plan, worker_streams  # noqa: E402
@@ -100,7 +101,7 @@ def overhead(data: Path, root: Path, args) -> dict:
             load0 = os.getloadavg()[0]
             res = train(TrainConfig(output=str(root / f"{name}_{rep}"), **common, **kw))
             s = res.summary
-            loop = s["seconds_train"] + s["seconds_capture"] + s["seconds_mixer"]
+            loop = step_seconds(s)  # train + capture + the workers' round reduction + mixer wait
             runs[name].append({"rep": rep, "loop_seconds": loop, "seconds_total": s["seconds_total"],
                                "seconds_train": s["seconds_train"], "seconds_capture": s["seconds_capture"],
                                "seconds_mixer": s["seconds_mixer"], "flops_train": s["flops_train"],
@@ -408,7 +409,7 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                     s, mixture = res.summary, res.mixture
                 rows = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
                 rounds = [r for r in rows if r["step"] % GPT2["update_every"] == 0]
-                loop = s["seconds_train"] + s["seconds_capture"] + s.get("seconds_reduce", 0.0) + s["seconds_mixer"]
+                loop = step_seconds(s)
                 rec = {"rep": rep, "loop_seconds": loop, "seconds_train": s["seconds_train"],
                        "seconds_capture": s["seconds_capture"], "seconds_reduce": s.get("seconds_reduce", 0.0),
                        "seconds_mixer": s["seconds_mixer"], "seconds_total": s.get("seconds_total"),
@@ -529,8 +530,9 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
     ratio_pairs = [a / b for a, b in zip(with_cap, without, strict=True)]
     loop = (wc + per_round * len(with_cap) / K) / wo
     # The capture times its own work inside the step (DomainGradCapture.seconds: on CPU nothing overlaps it),
-    # so this share does not carry the pairs' noise; it also counts the per-domain weight-gradient GEMMs that
-    # replace the ordinary one, so it over-states a little.
+    # so this share does not carry the pairs' noise. With a sketch that is only the added work (hash pass and
+    # bucket GEMMs; the ordinary weight gradient is computed outside it); with exact capture it also counts the
+    # per-domain GEMMs that replace the ordinary one, so it over-states there.
     attributed = (float(np.sum(added)) + per_round * len(with_cap) / K) / wo
     return {"m": m, "model": model_path, "capture": choice.as_dict() | {"exact_rows": sum(int(v.numel()) for v in exact_rows.values())},
             "steps_each": len(with_cap), "seconds_with_capture": with_cap, "seconds_without": without,

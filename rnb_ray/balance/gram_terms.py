@@ -65,12 +65,10 @@ class DomainEstimates:
         # these columns hold any sketched numbers.
         has = sketched is not None and bool(sketched.any())
         self.tracks_sketched = has if track_sketched is None else bool(track_sketched)
-        self.sketched = sketched.to(device) if self.tracks_sketched and sketched is not None else None
         # Sketched and exact columns come in contiguous runs (a row hash stores its exact rows first), so G's
         # block is summed from GEMMs over column slices (views): the sketched part is T, and G costs no more
         # than without the estimate.
-        self._runs = (column_runs(self.sketched.cpu()) if self.sketched is not None
-                      else [(0, cols, False)] if self.tracks_sketched else [])
+        self._runs = column_runs(sketched.cpu()) if has else [(0, cols, False)]
         self.gram_sketched = torch.zeros(m, m, dtype=torch.float64)
         self.seen = torch.zeros(m, dtype=torch.bool)
         self.flops = 0
