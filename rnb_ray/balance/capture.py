@@ -414,12 +414,13 @@ class DomainGradCapture:
                 D, H = g2.index_select(0, pos).float(), x2.index_select(0, pos).float()
                 DR, HR = D @ sk.r_out, H @ sk.r_in  # project every token once
                 self.flops += sketch_flops(int(pos.numel()), layer.out_features, layer.in_features, sk)
+            shape = (DR.shape[1], HR.shape[1])
             for d, s, e in batch.pos_segments:
                 if e == s:
                     continue
-                v = (DR[s:e].T @ HR[s:e]).reshape(-1)
                 acc = self.eval_sum[sl] if d < 0 else self.sums[d, sl]
-                acc.add_(v, alpha=batch.scale)
+                acc2 = acc.view(shape)  # the GEMM adds straight into the sum (out= aliasing the input: in place)
+                torch.addmm(acc2, DR[s:e].T, HR[s:e], alpha=batch.scale, out=acc2)
         self.seconds += time.perf_counter() - t0
         return grad
 

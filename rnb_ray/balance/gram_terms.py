@@ -72,6 +72,7 @@ class DomainEstimates:
         self.gram_sketched = torch.zeros(m, m, dtype=torch.float64)
         self.seen = torch.zeros(m, dtype=torch.bool)
         self.flops = 0
+        self._present = torch.empty(0, cols, dtype=torch.float32, device=device)  # update_rows' gather buffer
 
     def update_rows(self, shard: torch.Tensor, counts: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows P, partial block (|P|, m) float64 on these columns). ``shard``: (m, cols) summed gradients."""
@@ -81,8 +82,13 @@ class DomainEstimates:
         idx = rows.to(self.est.device)
         scale = (1.0 / counts[rows].double()).to(torch.float32).to(self.est.device)
         # One gather of the present rows, scaled in place, written back once (not gathered again: at 64
-        # domains every extra pass over |P| × cols is tens of MB).
-        present = shard.index_select(0, idx).float()
+        # domains every extra pass over |P| × cols is tens of MB). The gather goes into a buffer kept across
+        # rounds: a fresh |P| × cols tensor (tens of MB) is a fresh mapping whose first touch page-faults on
+        # every round, which cost as much as the copy itself.
+        if self._present.shape[0] < rows.numel() or self._present.device != shard.device:
+            self._present = torch.empty(rows.numel(), self.cols, dtype=torch.float32, device=shard.device)
+        present = self._present[: rows.numel()]
+        torch.index_select(shard if shard.dtype == torch.float32 else shard.float(), 0, idx, out=present)
         present.mul_(scale[:, None])
         self.est.index_copy_(0, idx, present)
         self.seen[rows] = True
