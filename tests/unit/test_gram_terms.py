@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rnb_ray.balance.gram import domain_means, expected_sketch_error, gram, gram_terms_dense
-from rnb_ray.balance.gram_terms import DomainEstimates, column_runs, nonfinite_rows
+from rnb_ray.balance.gram_terms import DomainEstimates, add_row_products, column_runs, nonfinite_rows
 from rnb_ray.balance.sketch import AUTO_MAX_BUCKETS, AUTO_MAX_SKETCH, choose_capture, effective_dims
 
 
@@ -144,3 +144,15 @@ def test_nonfinite_rows_checks_only_the_rows_given():
     assert nonfinite_rows(x).tolist() == [0, 1, 0, 1]
     assert nonfinite_rows(x, torch.tensor([0, 1])).tolist() == [0, 1, 0, 0]  # row 3 not asked about
     assert nonfinite_rows(x, torch.tensor([], dtype=torch.long)).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("p, m, n", [(3, 5, 12_288 * 3 + 77), (11, 15, 12_288 * 2), (20, 40, 12_288 * 3 + 5), (2, 3, 500)])
+def test_add_row_products_is_a_times_b_transposed(p, m, n):
+    """The round's block GEMM: chunked batched GEMM for small outputs (plus the columns' remainder), plain GEMM
+    otherwise; both add a bᵀ to ``out`` on column-slice views, as ``update_rows`` calls it."""
+    torch.manual_seed(p)
+    a_full, b_full = torch.randn(p, n + 9), torch.randn(m, n + 9)
+    a, b = a_full[:, 4:n + 4], b_full[:, 4:n + 4]  # views with a row stride wider than n
+    out = torch.ones(p, m)
+    add_row_products(out, a, b)
+    torch.testing.assert_close(out.double(), 1 + a.double() @ b.double().T, rtol=1e-4, atol=1e-3)
