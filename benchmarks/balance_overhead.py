@@ -440,8 +440,8 @@ class _OneWorker:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return x if rows is None else x.index_select(0, rows)
 
 
 class _HeadSetup:

@@ -282,8 +282,8 @@ class _Collectives:
             self._dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows)
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:

@@ -74,8 +74,10 @@ class DomainEstimates:
         self.flops = 0
         self._present = torch.empty(0, cols, dtype=torch.float32, device=device)  # update_rows' gather buffer
 
-    def update_rows(self, shard: torch.Tensor, counts: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows P, partial block (|P|, m) float64 on these columns). ``shard``: (m, cols) summed gradients."""
+    def update_rows(self, shard: torch.Tensor, counts: torch.Tensor, ok: torch.Tensor,
+                    index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows P, partial block (|P|, m) float64 on these columns). ``shard``: summed gradients on these columns,
+        (m, cols), or only some domains' rows with ``index`` (m,) giving each domain's row of it."""
         rows = torch.nonzero(ok & (counts > 0)).reshape(-1)
         if rows.numel() == 0:
             return rows, torch.zeros(0, self.block_width, dtype=torch.float64)
@@ -87,7 +89,7 @@ class DomainEstimates:
             self._present = torch.empty(rows.numel(), self.cols, dtype=torch.float32, device=shard.device)
         present = self._present[: rows.numel()]
         for i, r in enumerate(rows.tolist()):
-            torch.mul(shard[r], scale[i], out=present[i])
+            torch.mul(shard[r if index is None else int(index[r])], scale[i], out=present[i])
             self.est[r].copy_(present[i])
         self.seen[rows] = True
         self.flops += 2 * rows.numel() * self.m * self.cols

@@ -3,9 +3,10 @@
 At the end of a round each worker holds its own per-domain gradient sums (m × D, from ``DomainGradCapture``;
 exact or sketched). Instead of shipping them to the mixer actor, the workers
 
-1. reduce-scatter the sums by columns (``Runtime.reduce_scatter_cols``: gloo on CPU, nccl on GPU), so each
-   holds the global sums of 1/W of the coordinates (and the evaluation gradient likewise, when needed);
-2. all-reduce one small vector: the example counts and which domains have a non-finite gradient anywhere;
+1. all-reduce one small vector: the example counts (so every worker knows which domains some worker saw);
+2. reduce-scatter those domains' rows of the sums by columns (``Runtime.reduce_scatter_cols``: gloo on CPU,
+   nccl on GPU), so each holds their global sums on 1/W of the coordinates (and the evaluation gradient
+   likewise, when needed), and all-reduce which of them are non-finite anywhere;
 3. replace the present domains' estimates by this round's means on their columns and form their partial
    rows of G (and ḡ_iᵀg_e, g_eᵀg_e) — ``gram_terms.DomainEstimates``;
 4. all-reduce those |P| × m (+ m + 1) numbers.
@@ -49,32 +50,49 @@ class RoundReducer:
         """This round's terms, identical on every worker. ``sums``: (m, D) this worker's sums (read, not kept)."""
         t0 = time.perf_counter()
         rt, m, dev, multi = self.rt, self.m, self.rt.device, self.rt.world > 1
-        shard = rt.reduce_scatter_cols(sums) if sums is not None else None
-        eshard = rt.reduce_scatter_cols(eval_sum.reshape(1, -1))[0] if eval_sum is not None else None
+        # Counts first (one small all-reduce): the domains some worker saw are then known everywhere, and only
+        # their rows travel — a round's traffic scales with the domains it touched, not with m.
         small = torch.cat([counts.double().cpu(), torch.tensor([float(eval_count)], dtype=torch.float64)])
         small = rt.all_reduce(small.to(dev)).cpu()
         counts_g, eval_n = small[:m].round().long(), int(small[m])
+        seen = torch.nonzero(counts_g > 0).reshape(-1)
+        shard, index = None, None  # index: domain → its row of ``shard`` (None: the same row)
+        if sums is not None:
+            if multi:
+                shard = rt.reduce_scatter_cols(sums, seen)
+                index = torch.full((m,), -1, dtype=torch.long)
+                index[seen] = torch.arange(seen.numel())
+                self.bytes_collective += shard.numel() * rt.world * shard.element_size()
+            else:
+                shard = sums
+        eshard = rt.reduce_scatter_cols(eval_sum.reshape(1, -1))[0] if eval_sum is not None else None
+        if multi:
+            self.bytes_collective += small.numel() * 8 + (eval_sum.numel() * eval_sum.element_size()
+                                                           if eval_sum is not None else 0)
         # Non-finite rows, among the domains some worker saw (the others are zeros on every worker): a pass
-        # over those rows of this worker's columns, then one more all-reduce of m numbers.
+        # over those rows of this worker's columns, then one more all-reduce of |seen| numbers.
         ok = torch.ones(m, dtype=torch.bool)
         if shard is not None:
-            bad = nonfinite_rows(shard, torch.nonzero(counts_g > 0).reshape(-1))
+            bad = torch.zeros(m, dtype=torch.float64)
             if multi:
-                bad = rt.all_reduce(bad.to(dev)).cpu()
-                self.bytes_collective += m * 8
+                part = nonfinite_rows(shard)  # the seen rows, in order
+                if seen.numel():
+                    bad[seen] = rt.all_reduce(part.to(dev)).cpu()
+                    self.bytes_collective += part.numel() * 8
+            else:
+                bad = nonfinite_rows(shard, seen)
             ok = bad == 0
         # Plain numpy copies: a view into a torch tensor's storage (with an offset) does not pickle for Ray.
         out: dict[str, Any] = {"counts": counts_g.numpy().copy(), "present": ((counts_g > 0) & ok).numpy().copy()}
-        if multi:
-            self.bytes_collective += small.numel() * 8 + sum(
-                t.numel() * t.element_size() for t in (sums, eval_sum) if t is not None)
         if shard is None:
             self.seconds += time.perf_counter() - t0
             return out
         if keep_means:
-            self.last_means = shard.double().cpu() / counts_g.clamp(min=1).double()[:, None]
+            full = shard if index is None else torch.zeros(m, shard.shape[1], dtype=shard.dtype).index_copy_(
+                0, seen, shard.cpu())
+            self.last_means = full.double().cpu() / counts_g.clamp(min=1).double()[:, None]
             self.last_means[~((counts_g > 0) & ok)] = float("nan")
-        rows, block = self.estimates.update_rows(shard, counts_g, ok)
+        rows, block = self.estimates.update_rows(shard, counts_g, ok, index)
         parts = [block.reshape(-1)]
         if eshard is not None:
             parts.append(self.estimates.eval_partials(eshard / max(eval_n, 1)))

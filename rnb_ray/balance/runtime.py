@@ -69,8 +69,9 @@ class Runtime(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over workers (in place)."""
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum (m, D) over workers and keep this rank's ⌈D/W⌉ columns (rank r: columns r·c …, zero-padded)."""
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum (m, D) over workers — only ``rows`` of it when given, the same on every worker — and keep this
+        rank's ⌈D/W⌉ columns (rank r: columns r·c …, zero-padded). One worker: ``x`` itself when ``rows`` is None."""
 
     def barrier(self) -> None: ...
 
@@ -90,18 +91,29 @@ class Runtime(Protocol):
         """A ``metrics.jsonl`` row, for whoever watches this process (e.g. Ray Tune)."""
 
 
-def reduce_scatter_cols(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Over the default process group: sum (m, D) across ranks, keep this rank's ⌈D/W⌉ columns (zero-padded)."""
+def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (the same on every rank:
+    a round sends the domains some worker saw, not all m) — across ranks and keep this rank's ⌈D/W⌉ columns,
+    zero-padded: (len(rows) or m, ⌈D/W⌉)."""
     if world == 1:
-        return x
+        return x if rows is None else x.index_select(0, rows.to(x.device))
     m, D = x.shape
-    c = -(-D // world)
-    if c * world != D:
-        x = torch.nn.functional.pad(x, (0, c * world - D))
-    chunks = x.reshape(m, world, c).transpose(0, 1).contiguous()  # rank r's columns contiguous, in rank order
-    out = torch.empty(m * c, dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, chunks.reshape(-1))
-    return out.view(m, c)
+    idx = torch.arange(m, device=x.device) if rows is None else rows.to(x.device)
+    n, c = int(idx.numel()), -(-D // world)
+    # Each rank's columns of the chosen rows, contiguous and in rank order: one gather per rank straight from
+    # ``x`` (no copy of all m rows, no padded copy, no transposed copy).
+    send = torch.empty(world, n, c, dtype=x.dtype, device=x.device)
+    for w in range(world):
+        a, b = min(w * c, D), min((w + 1) * c, D)
+        if b - a == c:
+            torch.index_select(x[:, a:b], 0, idx, out=send[w])
+        else:  # the last rank's columns are fewer: zero-padded
+            send[w, :, : b - a] = x[:, a:b].index_select(0, idx)
+            send[w, :, b - a:] = 0
+    out = torch.empty(n, c, dtype=x.dtype, device=x.device)
+    if n:
+        dist.reduce_scatter_tensor(out.view(-1), send.view(-1))
+    return out
 
 
 # ============================================================================ in the calling process
@@ -143,8 +155,8 @@ class LocalRuntime:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, 1, rows)
 
     def barrier(self) -> None:
         pass
@@ -238,8 +250,8 @@ class RayTrainRuntime:
             dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows)
 
     def barrier(self) -> None:
         if self.world > 1:

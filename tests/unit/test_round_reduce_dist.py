@@ -20,6 +20,7 @@ M, D = 4, 11  # D not a multiple of 2: the last shard is zero-padded
 # workers' shards (columns 0-5 and 6-10), or only on the second's (the first then has none of its own).
 SKETCHED = torch.arange(D) >= 4
 ONLY_SECOND = torch.arange(D) >= 7
+ROWS = torch.tensor([0, 2])
 
 
 class _GlooRuntime:
@@ -33,8 +34,8 @@ class _GlooRuntime:
             dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows)
 
     def gather(self, obj):
         out = [None] * self.world
@@ -70,6 +71,8 @@ def _worker(rank: int, port: int, q, sketched) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, sketched), [_inputs(rank, r) for r in range(3)])
+        # Only the chosen rows travel: this rank's zero-padded columns of their sums over both workers.
+        res.append(reduce_scatter_cols(_inputs(rank, 0)[0], 2, rows=ROWS).numpy())
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -81,8 +84,8 @@ class _Single:
     def all_reduce(self, t):
         return t
 
-    def reduce_scatter_cols(self, x):
-        return x
+    def reduce_scatter_cols(self, x, rows=None):
+        return reduce_scatter_cols(x, 1, rows)
 
     def gather(self, obj):
         return [obj]
@@ -106,6 +109,9 @@ def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
         a, b = _inputs(0, r), _inputs(1, r)
         union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
     single = _run(RoundReducer(_Single(), M, D, sketched), union)
+    both = np.pad((_inputs(0, 0)[0] + _inputs(1, 0)[0])[ROWS].numpy(), ((0, 0), (0, 1)))  # D = 11 → 2 × 6 columns
+    for rank in (0, 1):
+        np.testing.assert_allclose(results[rank].pop(), both[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
     for r in range(3):
         for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
             got, want = results[rank][r], single[r]
