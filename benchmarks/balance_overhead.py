@@ -538,6 +538,7 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
             "steps_each": len(with_cap), "seconds_with_capture": with_cap, "seconds_without": without,
             "step_ratio": _spread(ratio_pairs), "step_ratio_of_sums": wc / wo, "round_seconds": rounds,
             "loop_ratio_estimate": loop, "seconds_capture_added": added, "attributed_share": attributed,
+            "update_every": K,
             "seconds_counting_tokens": t_count,
             "note": "loop ratio = (captured steps + one reduction and mixture update per update_every steps) / plain "
                     "steps; attributed share = (the capture's own timed work + reductions and updates) / plain steps"}
@@ -693,7 +694,7 @@ def gpt2_table(res: dict) -> list[dict]:
                      "note": f"steps {st['step_ratio_of_sums']:.4f} (pairs median {r['median']:.4f}, {r['min']:.3f}–"
                              f"{r['max']:.3f}, n {r['n']}) + reduction and update {np.mean(st['round_seconds']):.3f} s "
                              f"a round; capture's own timed work + rounds {100 * st.get('attributed_share', float('nan')):.2f}% "
-                             f"of the plain loop; {st['capture']['mode']} {st['capture'].get('kind') or ''} "
+                             f"of the plain loop (a round every {st.get('update_every', 5)} steps); {st['capture']['mode']} {st['capture'].get('kind') or ''} "
                              f"{st['capture']['sketch_dim'] or ''}; target ≤ 1.01"})
     for a in res.get("agreement", []):
         if "mean_mixture_l1" in a:
@@ -771,6 +772,9 @@ def main() -> None:
     ap.add_argument("--gpt2-steps", type=int, default=10, help="GPT-2 small: steps per run")
     ap.add_argument("--agreement-rounds", type=int, default=2, help="GPT-2 small: rounds of the sketch/exact study")
     ap.add_argument("--capture-budget-mb", type=float, default=TrainConfig.capture_budget_mb)
+    ap.add_argument("--update-every", type=int, default=GPT2["update_every"],
+                    help=f"GPT-2 small: steps per mixing round (the issue's setting: 5; rnb train's default: "
+                         f"{TrainConfig.update_every})")
     ap.add_argument("--step-pairs", type=int, default=0, help="GPT-2 small: in-process interleaved step pairs "
                     "with and without capture (after one warm-up pair)")
     ap.add_argument("--model", default=None, help="GPT-2 small pairs: a model path (e.g. a .gguf; 'smollm2': "
@@ -778,6 +782,7 @@ def main() -> None:
     ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
     if args.gpt2_small:
+        GPT2["update_every"] = args.update_every
         if args.model == "smollm2":  # found by path, as multitask.smollm2_gguf does (importing multitask would set
             # OMP_NUM_THREADS=1 for the runs' child processes)
             import importlib.util

@@ -217,7 +217,9 @@ def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_byt
     layer; never below the minimum, even over budget); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
 
     A worker holds the m × D sums it accumulates over a round and its 1/W of the m × D estimates (the
-    reduce-scatter's output), both float32: 4·m·D·(1 + 1/W) bytes; the collectives move about that much too."""
+    reduce-scatter's output), both float32: 4·m·D·(1 + 1/W) bytes. The collectives move at most 4·m·D a round (only
+    the rows of the domains seen in the round travel), from send and receive buffers that exist only while a
+    round is reduced (with several workers) and are not counted here."""
     if kind not in SKETCH_KINDS:
         raise ValueError(f"unknown sketch kind {kind!r}: choose from {', '.join(SKETCH_KINDS)}")
     per = 1.0 + 1.0 / world
