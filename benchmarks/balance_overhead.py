@@ -441,7 +441,9 @@ class _OneWorker:
         return t
 
     def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return x if rows is None else x.index_select(0, rows)
+        from rnb_ray.balance.runtime import reduce_scatter_cols
+
+        return reduce_scatter_cols(x, 1, rows)
 
 
 class _HeadSetup:

@@ -73,8 +73,8 @@ class RoundReducer:
         # over those rows of this worker's columns, then one more all-reduce of |seen| numbers.
         ok = torch.ones(m, dtype=torch.bool)
         if shard is not None:
-            bad = torch.zeros(m, dtype=torch.float64)
             if multi:
+                bad = torch.zeros(m, dtype=torch.float64)
                 part = nonfinite_rows(shard)  # the seen rows, in order
                 if seen.numel():
                     bad[seen] = rt.all_reduce(part.to(dev)).cpu()
