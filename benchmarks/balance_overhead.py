@@ -440,10 +440,11 @@ class _OneWorker:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace=None) -> torch.Tensor:
         from rnb_ray.balance.runtime import reduce_scatter_cols
 
-        return reduce_scatter_cols(x, 1, rows)
+        return reduce_scatter_cols(x, 1, rows, workspace)
 
 
 class _HeadSetup:

@@ -63,7 +63,7 @@ from rnb_ray.balance.mixer import Mixer, MixerSpec, build_strategy, create_mixer
 from rnb_ray.balance.mixer import load_state as _load_state
 from rnb_ray.balance.mixer import save_state as _save_state
 from rnb_ray.balance.round_reduce import RoundReducer
-from rnb_ray.balance.runtime import ActorMixer, LocalMixer, reduce_scatter_cols
+from rnb_ray.balance.runtime import ActorMixer, LocalMixer, Workspace, reduce_scatter_cols
 from rnb_ray.balance.sampler import DomainSampler, DomainStream
 from rnb_ray.errors import RnbError
 
@@ -282,8 +282,9 @@ class _Collectives:
             self._dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world, rows)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace: Workspace | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows, workspace)
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:

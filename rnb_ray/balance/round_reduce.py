@@ -4,9 +4,10 @@ At the end of a round each worker holds its own per-domain gradient sums (m × D
 exact or sketched). Instead of shipping them to the mixer actor, the workers
 
 1. all-reduce one small vector: the example counts (so every worker knows which domains some worker saw);
-2. reduce-scatter those domains' rows of the sums by columns (``Runtime.reduce_scatter_cols``: gloo on CPU,
-   nccl on GPU), so each holds their global sums on 1/W of the coordinates (and the evaluation gradient
-   likewise, when needed), and all-reduce which of them are non-finite anywhere;
+2. reduce-scatter those domains' rows of the sums by columns (``Runtime.reduce_scatter_cols``: nccl's
+   reduce-scatter on GPU; on CPU a gloo all-reduce of the rows, each worker keeping its columns), so each
+   holds their global sums on 1/W of the coordinates (and the evaluation gradient likewise, when needed),
+   and all-reduce which of them are non-finite anywhere;
 3. replace the present domains' estimates by this round's means on their columns and form their partial
    rows of G (and ḡ_iᵀg_e, g_eᵀg_e) — ``gram_terms.DomainEstimates``;
 4. all-reduce those |P| × m (+ m + 1) numbers.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from rnb_ray.balance.gram_terms import DomainEstimates, nonfinite_rows
-from rnb_ray.balance.runtime import Runtime
+from rnb_ray.balance.runtime import Runtime, Workspace
 
 
 class RoundReducer:
@@ -44,6 +45,7 @@ class RoundReducer:
         self.seconds = 0.0  # this worker's wall time in the reduction (collectives + its share of the Gram)
         self.bytes_collective = 0  # bytes this worker handed to collectives, cumulative
         self.last_means: torch.Tensor | None = None  # only when asked (debug dumps)
+        self.workspace = Workspace()  # the sums' collective buffer, kept across rounds
 
     def reduce(self, sums: torch.Tensor | None, counts: torch.Tensor, eval_sum: torch.Tensor | None = None,
                eval_count: int = 0, keep_means: bool = False) -> dict[str, Any]:
@@ -59,7 +61,7 @@ class RoundReducer:
         shard, index = None, None  # index: domain → its row of ``shard`` (None: the same row)
         if sums is not None:
             if multi:
-                shard = rt.reduce_scatter_cols(sums, seen)
+                shard = rt.reduce_scatter_cols(sums, seen, self.workspace)
                 index = torch.full((m,), -1, dtype=torch.long)
                 index[seen] = torch.arange(seen.numel())
                 self.bytes_collective += shard.numel() * rt.world * shard.element_size()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,7 +70,8 @@ class Runtime(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over workers (in place)."""
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace: Workspace | None = None) -> torch.Tensor:
         """Sum (m, D) over workers — only ``rows`` of it when given, the same on every worker — and keep this
         rank's ⌈D/W⌉ columns (rank r: columns r·c …, zero-padded). One worker: ``x`` itself when ``rows`` is None."""
 
@@ -91,18 +93,51 @@ class Runtime(Protocol):
         """A ``metrics.jsonl`` row, for whoever watches this process (e.g. Ray Tune)."""
 
 
-def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+class Workspace:
+    """A buffer kept across rounds by its owner (a fresh tens-of-MB tensor page-faults on first touch: gathering
+    29 rows × 786 k floats took 39 ms into a fresh one, 14 ms into one reused). Grows, never shrinks."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != device:
+            self.buf = torch.empty(n, dtype=dtype, device=device)
+        return self.buf[:n].view(shape)
+
+
+def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None = None,
+                        workspace: Workspace | None = None) -> torch.Tensor:
     """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (the same on every rank:
     a round sends the domains some worker saw, not all m) — across ranks and keep this rank's ⌈D/W⌉ columns,
-    zero-padded: (len(rows) or m, ⌈D/W⌉)."""
+    zero-padded: (len(rows) or m, ⌈D/W⌉). ``x`` is not modified. With a ``workspace`` the result is a view into
+    it, valid until the workspace's next use.
+
+    On GPU (nccl) this is a reduce-scatter. On CPU (gloo) the chosen rows are gathered into one buffer, all-reduced
+    in place, and each rank keeps a view of its columns: gloo's reduce-scatter plus the per-rank gather it needs
+    took 208 ms for 29 rows × 786 k floats between 2 processes here, the row gather and all-reduce 90 ms
+    (``benchmarks/results/balance_overhead_gpt2.json``, "collective_paths")."""
     if world == 1:
         return x if rows is None else x.index_select(0, rows.to(x.device))
     m, D = x.shape
     idx = torch.arange(m, device=x.device) if rows is None else rows.to(x.device)
     n, c = int(idx.numel()), -(-D // world)
+    ws = workspace or Workspace()
+    if x.device.type == "cpu":
+        buf = ws.take((n, c * world), x.dtype, x.device)
+        if c * world == D:
+            torch.index_select(x, 0, idx, out=buf)
+        else:  # zero-padded to W·c columns, so every rank's view has c of them
+            buf[:, :D] = x.index_select(0, idx)
+            buf[:, D:] = 0
+        if n:
+            dist.all_reduce(buf)
+        r = dist.get_rank()
+        return buf[:, r * c:(r + 1) * c]
     # Each rank's columns of the chosen rows, contiguous and in rank order: one gather per rank straight from
     # ``x`` (no copy of all m rows, no padded copy, no transposed copy).
-    send = torch.empty(world, n, c, dtype=x.dtype, device=x.device)
+    send = ws.take((world, n, c), x.dtype, x.device)
     for w in range(world):
         a, b = min(w * c, D), min((w + 1) * c, D)
         if b - a == c:
@@ -155,8 +190,9 @@ class LocalRuntime:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return reduce_scatter_cols(x, 1, rows)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace: Workspace | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, 1, rows, workspace)
 
     def barrier(self) -> None:
         pass
@@ -250,8 +286,9 @@ class RayTrainRuntime:
             dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world, rows)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace: Workspace | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows, workspace)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rnb_ray.balance.round_reduce import RoundReducer
-from rnb_ray.balance.runtime import reduce_scatter_cols
+from rnb_ray.balance.runtime import Workspace, reduce_scatter_cols
 
 M, D = 4, 11  # D not a multiple of 2: the last shard is zero-padded
 # The columns holding sketched numbers (a row hash's hashed buckets come after its exact rows): on both
@@ -34,8 +34,9 @@ class _GlooRuntime:
             dist.all_reduce(t)
         return t
 
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return reduce_scatter_cols(x, self.world, rows)
+    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                            workspace: Workspace | None = None) -> torch.Tensor:
+        return reduce_scatter_cols(x, self.world, rows, workspace)
 
     def gather(self, obj):
         out = [None] * self.world
@@ -71,8 +72,14 @@ def _worker(rank: int, port: int, q, sketched) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, sketched), [_inputs(rank, r) for r in range(3)])
-        # Only the chosen rows travel: this rank's zero-padded columns of their sums over both workers.
-        res.append(reduce_scatter_cols(_inputs(rank, 0)[0], 2, rows=ROWS).numpy())
+        # Only the chosen rows travel: this rank's zero-padded columns of their sums over both workers; with an
+        # even D, its columns without padding. The input is left as it was (CPU: all-reduced in a copy).
+        x = _inputs(rank, 0)[0]
+        before = x.clone()
+        even = reduce_scatter_cols(x[:, :10], 2, rows=ROWS).numpy().copy()
+        res.append(bool(torch.equal(x, before)))
+        res.append(even)
+        res.append(reduce_scatter_cols(x, 2, rows=ROWS).numpy())
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -84,8 +91,8 @@ class _Single:
     def all_reduce(self, t):
         return t
 
-    def reduce_scatter_cols(self, x, rows=None):
-        return reduce_scatter_cols(x, 1, rows)
+    def reduce_scatter_cols(self, x, rows=None, workspace=None):
+        return reduce_scatter_cols(x, 1, rows, workspace)
 
     def gather(self, obj):
         return [obj]
@@ -112,6 +119,8 @@ def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
     both = np.pad((_inputs(0, 0)[0] + _inputs(1, 0)[0])[ROWS].numpy(), ((0, 0), (0, 1)))  # D = 11 → 2 × 6 columns
     for rank in (0, 1):
         np.testing.assert_allclose(results[rank].pop(), both[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(results[rank].pop(), both[:, 5 * rank:5 * (rank + 1)], rtol=1e-6, atol=1e-6)
+        assert results[rank].pop(), "reduce_scatter_cols changed its input"
     for r in range(3):
         for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
             got, want = results[rank][r], single[r]
