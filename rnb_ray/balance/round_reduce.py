@@ -43,6 +43,9 @@ class RoundReducer:
             mine = padded[rt.rank * self.cols:(rt.rank + 1) * self.cols]
         self.estimates = DomainEstimates(m, self.cols, device=rt.device, sketched=mine, track_sketched=track)
         self.seconds = 0.0  # this worker's wall time in the reduction (collectives + its share of the Gram)
+        # of which waiting in the round's first collective for the other workers to end their step: the
+        # workers' skew, which a plain step would absorb at its next gradient all-reduce instead
+        self.seconds_sync = 0.0
         self.bytes_collective = 0  # bytes this worker handed to collectives, cumulative
         self.last_means: torch.Tensor | None = None  # only when asked (debug dumps)
         self.workspace = Workspace()  # the sums' collective buffer, kept across rounds
@@ -55,7 +58,10 @@ class RoundReducer:
         # Counts first (one small all-reduce): the domains some worker saw are then known everywhere, and only
         # their rows travel — a round's traffic scales with the domains it touched, not with m.
         small = torch.cat([counts.double().cpu(), torch.tensor([float(eval_count)], dtype=torch.float64)])
+        t1 = time.perf_counter()
         small = rt.all_reduce(small.to(dev)).cpu()
+        if multi:
+            self.seconds_sync += time.perf_counter() - t1
         counts_g, eval_n = small[:m].round().long(), int(small[m])
         seen = torch.nonzero(counts_g > 0).reshape(-1)
         shard, index = None, None  # index: domain → its row of ``shard`` (None: the same row)

@@ -94,8 +94,9 @@ class Runtime(Protocol):
 
 
 class Workspace:
-    """A buffer kept across rounds by its owner (a fresh tens-of-MB tensor page-faults on first touch: gathering
-    29 rows × 786 k floats took 39 ms into a fresh one, 14 ms into one reused). Grows, never shrinks."""
+    """A buffer kept across rounds by its owner (a fresh tens-of-MB tensor page-faults on first touch: the round's
+    collective of 29 rows × 786 k floats between 2 gloo processes took 159 ms from a fresh buffer, 132 ms from a
+    kept one; ``benchmarks/results/balance_overhead_gpt2.json``, "collective_paths"). Grows, never shrinks."""
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
@@ -108,7 +109,7 @@ class Workspace:
 
 
 def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None = None,
-                        workspace: Workspace | None = None) -> torch.Tensor:
+                        workspace: Workspace | None = None, method: str | None = None) -> torch.Tensor:
     """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (the same on every rank:
     a round sends the domains some worker saw, not all m) — across ranks and keep this rank's ⌈D/W⌉ columns,
     zero-padded: (len(rows) or m, ⌈D/W⌉). ``x`` is not modified. With a ``workspace`` the result is a view into
@@ -116,15 +117,19 @@ def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None =
 
     On GPU (nccl) this is a reduce-scatter. On CPU (gloo) the chosen rows are gathered into one buffer, all-reduced
     in place, and each rank keeps a view of its columns: gloo's reduce-scatter plus the per-rank gather it needs
-    took 208 ms for 29 rows × 786 k floats between 2 processes here, the row gather and all-reduce 90 ms
-    (``benchmarks/results/balance_overhead_gpt2.json``, "collective_paths")."""
+    took 284 ms for 29 rows × 786 k floats between 2 processes here, the row gather and all-reduce 132 ms
+    (``benchmarks/results/balance_overhead_gpt2.json``, "collective_paths"). ``method`` ("all_reduce" or
+    "reduce_scatter") overrides the choice by device (for that comparison and the tests)."""
     if world == 1:
         return x if rows is None else x.index_select(0, rows.to(x.device))
     m, D = x.shape
     idx = torch.arange(m, device=x.device) if rows is None else rows.to(x.device)
     n, c = int(idx.numel()), -(-D // world)
     ws = workspace or Workspace()
-    if x.device.type == "cpu":
+    method = method or ("all_reduce" if x.device.type == "cpu" else "reduce_scatter")
+    if method not in ("all_reduce", "reduce_scatter"):
+        raise ValueError(f"unknown method {method!r}: all_reduce or reduce_scatter")
+    if method == "all_reduce":
         buf = ws.take((n, c * world), x.dtype, x.device)
         if c * world == D:
             torch.index_select(x, 0, idx, out=buf)

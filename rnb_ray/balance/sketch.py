@@ -199,7 +199,7 @@ class CaptureChoice:
 
     sketch_dim: int  # 0: exact; else the sketch size (row hash: buckets; Gaussian: k₁·k₂ per layer)
     numbers_per_domain: int
-    bytes_per_worker: int  # per-domain sums + this worker's share of the estimates, float32
+    bytes_per_worker: int  # per-domain sums + this worker's share of the estimates (+ the collective's buffer), float32
     budget_bytes: int
     reason: str
     kind: str = "rowhash"
@@ -217,12 +217,12 @@ def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_byt
     layer; never below the minimum, even over budget); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
 
     A worker holds the m × D sums it accumulates over a round and its 1/W of the m × D estimates (the
-    reduce-scatter's output), both float32: 4·m·D·(1 + 1/W) bytes. The collectives move at most 4·m·D a round (only
-    the rows of the domains seen in the round travel), from send and receive buffers that exist only while a
-    round is reduced (with several workers) and are not counted here."""
+    reduce-scatter's output), both float32, and with several workers the buffer the round's collective fills,
+    kept across rounds (the rows of the domains seen in a round, at most m): 4·m·D·(1 + 1/W) bytes with one
+    worker, 4·m·D·(2 + 1/W) with more. The collectives move at most 4·m·D a round (only the seen rows travel)."""
     if kind not in SKETCH_KINDS:
         raise ValueError(f"unknown sketch kind {kind!r}: choose from {', '.join(SKETCH_KINDS)}")
-    per = 1.0 + 1.0 / world
+    per = 1.0 + 1.0 / world + (1.0 if world > 1 else 0.0)
 
     def nbytes(d: int) -> int:
         return int(4 * m * d * per)

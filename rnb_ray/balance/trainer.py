@@ -64,6 +64,7 @@ class Totals:
     seconds_capture: float = 0.0
     seconds_mixer: float = 0.0
     seconds_reduce: float = 0.0
+    seconds_reduce_sync: float = 0.0  # of seconds_reduce: waiting for the other workers at the round's start
     extra_seconds: float = 0.0
     tokens: float = 0.0  # non-padding tokens
     tokens_padded: float = 0.0  # tokens processed
@@ -240,7 +241,7 @@ class Trainer:
         self.totals.extra_flops += flops
         if cap is not None and self.reducer is not None:
             dump = needs.train_grads and self.round < self.cfg.debug_dump_rounds
-            r0 = self.reducer.seconds
+            r0, w0 = self.reducer.seconds, self.reducer.seconds_sync
             terms = self.reducer.reduce(cap.sums if needs.train_grads else None, cap.counts, eval_sum, eval_n,
                                         keep_means=dump)
             cap.reset()
@@ -249,6 +250,7 @@ class Trainer:
             if dump:
                 self._dump_means(terms["counts"])
             self.totals.seconds_reduce += self.reducer.seconds - r0
+            self.totals.seconds_reduce_sync += self.reducer.seconds_sync - w0
             if self.rt.rank == 0:  # every worker holds the same terms; the mixer reads rank 0's
                 payload.update(terms)
                 if self.choice is not None and self.choice.sketch_dim and "gram" in terms:
@@ -298,6 +300,7 @@ class Trainer:
                 "tokens": int(vec[2]), "tokens_processed": int(vec[3]),
                 "seconds_train": t.seconds_train, "seconds_capture": t.seconds_capture,
                 "seconds_mixer": t.seconds_mixer, "seconds_reduce": t.seconds_reduce,
+                "seconds_reduce_sync": t.seconds_reduce_sync,
                 "extra_seconds": t.extra_seconds,
                 "flops_train": 6.0 * self.n_params * vec[3],
                 "flops_balance": vec[4] + float(self.mixer_info.get("flops", 0)),

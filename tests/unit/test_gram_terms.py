@@ -91,6 +91,11 @@ def test_capture_choice_from_the_budget():
     assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64, kind="gaussian"
                           ).numbers_per_domain == 64
     assert choose_capture([(259, 32)], m=4, world=1, budget_bytes=2**30, requested=64).numbers_per_domain == 64 * 32
+    # With several workers the round's collective buffer (≤ m rows, kept across rounds) counts too: 4·m·D·(2 + 1/W).
+    one = choose_capture(head, m=64, world=1, budget_bytes=450 * 2**20)  # 1,024 buckets: 384 MB on one worker
+    two = choose_capture(head, m=64, world=2, budget_bytes=450 * 2**20)  # 480 MB on each of two: 512 buckets
+    assert one.sketch_dim == AUTO_MAX_BUCKETS and one.bytes_per_worker == 4 * 64 * AUTO_MAX_BUCKETS * 768 * 2
+    assert two.sketch_dim == AUTO_MAX_BUCKETS // 2 and two.bytes_per_worker == int(4 * 64 * 512 * 768 * 2.5)
     assert gpt2.as_dict()["mode"] == "sketch" and gpt2.as_dict()["kind"] == "rowhash"
     assert small.as_dict()["mode"] == "exact"
     with pytest.raises(ValueError, match="unknown sketch kind"):

@@ -79,7 +79,8 @@ def _worker(rank: int, port: int, q, sketched) -> None:
         even = reduce_scatter_cols(x[:, :10], 2, rows=ROWS).numpy().copy()
         res.append(bool(torch.equal(x, before)))
         res.append(even)
-        res.append(reduce_scatter_cols(x, 2, rows=ROWS).numpy())
+        res.append([reduce_scatter_cols(x, 2, rows=ROWS, method=how).numpy().copy()  # both paths, on gloo
+                    for how in ("all_reduce", "reduce_scatter")])
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -118,7 +119,8 @@ def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
     single = _run(RoundReducer(_Single(), M, D, sketched), union)
     both = np.pad((_inputs(0, 0)[0] + _inputs(1, 0)[0])[ROWS].numpy(), ((0, 0), (0, 1)))  # D = 11 → 2 × 6 columns
     for rank in (0, 1):
-        np.testing.assert_allclose(results[rank].pop(), both[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
+        for got in results[rank].pop():
+            np.testing.assert_allclose(got, both[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(results[rank].pop(), both[:, 5 * rank:5 * (rank + 1)], rtol=1e-6, atol=1e-6)
         assert results[rank].pop(), "reduce_scatter_cols changed its input"
     for r in range(3):
