@@ -485,6 +485,42 @@ class _HeadSetup:
                             self.cfg.seq_len, self.out_f)
 
 
+def _interleaved_steps(model, opt, sampler, tok, cfg: TrainConfig, cap: DomainGradCapture, reducer, q: np.ndarray,
+                       m: int, pairs: int, K: int, *, sync=None, label: str = "", verbose: bool = True) -> dict:
+    """Steps with the capture and without it alternating on the same batches (A B B A …; the first pair warms
+    both up and is not counted), and every ``K`` captured steps the round's reduction and R&B's update.
+    ``sync`` (several workers: a barrier) runs before every step and round, so each is timed from a common start."""
+    p = np.full(m, 1.0 / m)
+    with_cap, without, added, rounds, waits = [], [], [], [], []
+    for i in range(2 * pairs + 1):
+        b = next_batch(sampler, p, cfg.batch_size, tok, cfg.seq_len, by_domain=True)
+        for which in (("cap", "plain") if i % 2 == 0 else ("plain", "cap")):
+            if sync is not None:
+                sync()
+            t0, c0 = time.perf_counter(), cap.seconds
+            train_step(model, opt, None, b, capture=cap if which == "cap" else None)
+            (with_cap if which == "cap" else without).append(time.perf_counter() - t0)
+            if which == "cap":
+                added.append(cap.seconds - c0)
+        if i == 0:
+            with_cap.clear()
+            without.clear()
+            added.clear()
+        if len(with_cap) and len(with_cap) % K == 0:
+            if sync is not None:
+                sync()
+            t0, w0 = time.perf_counter(), reducer.seconds_sync
+            terms = reducer.reduce(cap.sums, cap.counts)
+            cap.reset()
+            p, _ = rnb_mixture(terms["gram"], q, 3.0)
+            rounds.append(time.perf_counter() - t0)
+            waits.append(reducer.seconds_sync - w0)
+        if verbose:
+            print(f"    m={m}{label} pair {i}: with capture {with_cap[-1] if with_cap else 0:.2f}s, without "
+                  f"{without[-1] if without else 0:.2f}s", flush=True)
+    return {"with_cap": with_cap, "without": without, "added": added, "rounds": rounds, "waits": waits}
+
+
 def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str | None = None) -> dict:
     """R&B's cost per step without run-to-run noise: in one process, the same model and batches, steps with the
     default capture and without it alternate (A B B A …), and every ``update_every`` captured steps the round's
@@ -506,33 +542,12 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
     t_count = time.perf_counter() - t0
     cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
     reducer = RoundReducer(_OneWorker(), m, cap.dim, cap.sketched_columns())
-    K, B = GPT2["update_every"], GPT2["batch_size"]
-    p = np.full(m, 1.0 / m)
-    with_cap, without, rounds, added = [], [], [], []
+    K = GPT2["update_every"]
     try:
-        for i in range(2 * pairs + 1):
-            b = next_batch(sampler, p, B, tok, cfg.seq_len, by_domain=True)
-            order = ("cap", "plain") if i % 2 == 0 else ("plain", "cap")
-            for which in order:
-                t0, c0 = time.perf_counter(), cap.seconds
-                train_step(model, opt, None, b, capture=cap if which == "cap" else None)
-                (with_cap if which == "cap" else without).append(time.perf_counter() - t0)
-                if which == "cap":
-                    added.append(cap.seconds - c0)
-            if i == 0:  # the first pair warms both paths up: not counted
-                with_cap.clear()
-                without.clear()
-                added.clear()
-            if len(with_cap) and len(with_cap) % K == 0:
-                t0 = time.perf_counter()
-                terms = reducer.reduce(cap.sums, cap.counts)
-                cap.reset()
-                p, _ = rnb_mixture(terms["gram"], plan.q, 3.0)
-                rounds.append(time.perf_counter() - t0)
-            print(f"    m={m} pair {i}: with capture {with_cap[-1] if with_cap else 0:.2f}s, without "
-                  f"{without[-1] if without else 0:.2f}s", flush=True)
+        r = _interleaved_steps(model, opt, sampler, tok, cfg, cap, reducer, plan.q, m, pairs, K)
     finally:
         cap.remove()
+    with_cap, without, rounds, added = r["with_cap"], r["without"], r["rounds"], r["added"]
     wc, wo = float(np.sum(with_cap)), float(np.sum(without))
     per_round = float(np.mean(rounds)) if rounds else 0.0
     ratio_pairs = [a / b for a, b in zip(with_cap, without, strict=True)]
@@ -550,6 +565,26 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
             "seconds_counting_tokens": t_count,
             "note": "loop ratio = (captured steps + one reduction and mixture update per update_every steps) / plain "
                     "steps; attributed share = (the capture's own timed work + reductions and updates) / plain steps"}
+
+
+def _two_gloo_processes(target, args: tuple, timeout_s: float) -> dict:
+    """Run ``target(rank, port, *args, queue)`` in 2 spawned processes; {rank: what each put on the queue}."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, q)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    res = dict(q.get(timeout=timeout_s) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    return res
 
 
 def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budget_mb: float, update_every: int,
@@ -593,35 +628,10 @@ def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budge
         cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind,
                                 exact_rows=exact_rows)
         reducer = RoundReducer(_Gloo(), m, cap.dim, cap.sketched_columns())
-        p = np.full(m, 1.0 / m)
-        with_cap, without, added, rounds, waits = [], [], [], [], []
-        for i in range(2 * pairs + 1):
-            b = next_batch(sampler, p, cfg.batch_size, tok, cfg.seq_len, by_domain=True)
-            for which in (("cap", "plain") if i % 2 == 0 else ("plain", "cap")):
-                dist.barrier()  # both workers start the step together: only the step is timed
-                t0, c0 = time.perf_counter(), cap.seconds
-                train_step(model, opt, None, b, capture=cap if which == "cap" else None)
-                (with_cap if which == "cap" else without).append(time.perf_counter() - t0)
-                if which == "cap":
-                    added.append(cap.seconds - c0)
-            if i == 0:  # the first pair warms both paths up: not counted
-                with_cap.clear()
-                without.clear()
-                added.clear()
-            if len(with_cap) and len(with_cap) % update_every == 0:
-                dist.barrier()  # the round's own time, without the workers' skew
-                t0, w0 = time.perf_counter(), reducer.seconds_sync
-                terms = reducer.reduce(cap.sums, cap.counts)
-                cap.reset()
-                p, _ = rnb_mixture(terms["gram"], plan.q, 3.0)
-                rounds.append(time.perf_counter() - t0)
-                waits.append(reducer.seconds_sync - w0)
-            if rank == 0:
-                print(f"    m={m} 2 workers pair {i}: with capture {with_cap[-1] if with_cap else 0:.2f}s, without "
-                      f"{without[-1] if without else 0:.2f}s", flush=True)
+        r = _interleaved_steps(model, opt, sampler, tok, cfg, cap, reducer, plan.q, m, pairs, update_every,
+                               sync=dist.barrier, label=" 2 workers", verbose=rank == 0)
         cap.remove()
-        q.put((rank, {"with_cap": with_cap, "without": without, "added": added, "rounds": rounds, "waits": waits,
-                      "bytes_collective": reducer.bytes_collective, "capture": choice.as_dict()}))
+        q.put((rank, r | {"bytes_collective": reducer.bytes_collective, "capture": choice.as_dict()}))
     finally:
         dist.destroy_process_group()
 
@@ -632,24 +642,9 @@ def gpt2_steps_ddp(root: Path, m: int, pairs: int, budget_mb: float) -> dict:
     and every ``update_every`` captured steps the round's reduction across both (``RoundReducer`` over gloo).
     Whole 2-worker runs here differ by ±10 % run to run (first steps, machine drift); this isolates whether the
     capture slows a DDP step beyond its own timed work."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     data = domains_corpus(root, m, long_docs=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     K = GPT2["update_every"]
-    procs = [ctx.Process(target=_ddp_steps_worker, args=(r, port, str(data), m, pairs, budget_mb, K, q))
-             for r in range(2)]
-    for proc in procs:
-        proc.start()
-    res = dict(q.get(timeout=3600) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    res = _two_gloo_processes(_ddp_steps_worker, (str(data), m, pairs, budget_mb, K), 3600)
     r0 = res[0]
     wc, wo = float(np.sum(r0["with_cap"])), float(np.sum(r0["without"]))
     n = len(r0["with_cap"])
@@ -951,22 +946,8 @@ def _collective_worker(rank: int, port: int, cases: list[tuple[int, int]], D: in
 def collective_paths(reps: int = 5) -> dict:
     """The round's CPU collective, two ways, between 2 gloo processes on this machine: 29 (15) of 64 (15)
     domains' rows of a 1,024-bucket row hash of a GPT-2-small head (786,432 numbers a row)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     cases, D = [(64, 29), (15, 13)], 786_432
-    procs = [ctx.Process(target=_collective_worker, args=(r, port, cases, D, reps, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    res = _two_gloo_processes(_collective_worker, (cases, D, reps), 600)
     out = res[0]
     for p in out["paths"]:
         print(f"  m{p['m']}, {p['rows']} rows ({p['mb']:.0f} MB): {p['path']}: {1e3 * p['seconds']['median']:.0f} ms",
