@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rnb_ray.api import _Collectives  # noqa: E402 — what RoundReducer needs, over the current process group
 from rnb_ray.balance.capture import DomainGradCapture, find_capture_modules, is_capturable  # noqa: E402
 from rnb_ray.balance.config import TrainConfig  # noqa: E402
 from rnb_ray.balance.costs import step_seconds  # noqa: E402
@@ -434,21 +435,6 @@ def gpt2_pairs(root: Path, cases: list[tuple[int, int]], args, save) -> dict:
     return out
 
 
-class _OneWorker:
-    """The collectives of one worker (``LocalRuntime``'s): identities."""
-
-    rank, world, device = 0, 1, torch.device("cpu")
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def reduce_scatter_cols(self, x: torch.Tensor, rows: torch.Tensor | None = None,
-                            workspace=None) -> torch.Tensor:
-        from rnb_ray.balance.runtime import reduce_scatter_cols
-
-        return reduce_scatter_cols(x, 1, rows, workspace)
-
-
 class _HeadSetup:
     """One in-process GPT-2-small-shape run capturing the head (the agreement and step studies): config, plan,
     tokenizer, a seeded model and optimizer, the training sampler and the capture the budget chooses."""
@@ -541,7 +527,7 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
         exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
     t_count = time.perf_counter() - t0
     cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
-    reducer = RoundReducer(_OneWorker(), m, cap.dim, cap.sketched_columns())
+    reducer = RoundReducer(_Collectives(), m, cap.dim, cap.sketched_columns())  # one process: no-ops
     K = GPT2["update_every"]
     try:
         r = _interleaved_steps(model, opt, sampler, tok, cfg, cap, reducer, plan.q, m, pairs, K)
@@ -594,21 +580,7 @@ def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budge
     from torch.nn.parallel import DistributedDataParallel
 
     from rnb_ray.balance.round_reduce import RoundReducer
-    from rnb_ray.balance.runtime import reduce_scatter_cols
     from rnb_ray.balance.sketch import frequent_rows
-
-    class _Gloo:
-        device = torch.device("cpu")
-
-        def __init__(self) -> None:
-            self.rank, self.world = rank, 2
-
-        def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t)
-            return t
-
-        def reduce_scatter_cols(self, x, rows=None, workspace=None):
-            return reduce_scatter_cols(x, 2, rows, workspace)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -627,7 +599,7 @@ def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budge
             exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
         cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind,
                                 exact_rows=exact_rows)
-        reducer = RoundReducer(_Gloo(), m, cap.dim, cap.sketched_columns())
+        reducer = RoundReducer(_Collectives(), m, cap.dim, cap.sketched_columns())  # over the gloo group
         r = _interleaved_steps(model, opt, sampler, tok, cfg, cap, reducer, plan.q, m, pairs, update_every,
                                sync=dist.barrier, label=" 2 workers", verbose=rank == 0)
         cap.remove()
