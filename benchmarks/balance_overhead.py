@@ -455,8 +455,9 @@ class _HeadSetup:
         self.sampler = self._sampler(cfg.seed)
         self.modules = find_capture_modules(self.model, "head")
         (self.out_f, self.in_f), = layer_shapes(self.modules)
+        self.slots = min(m, cfg.batch_size * cfg.update_every)  # as the trainer: rows a round may fill
         self.choice = choose_capture([(self.out_f, self.in_f)], m, world, int(budget_mb * 2**20),
-                                     kind=cfg.sketch_kind)
+                                     kind=cfg.sketch_kind, slots=self.slots)
 
     def _sampler(self, seed: int) -> DomainSampler:
         return DomainSampler(worker_streams(self.plan, self.rank, self.world, seed, SourceReader(self.plan),
@@ -496,7 +497,7 @@ def _interleaved_steps(model, opt, sampler, tok, cfg: TrainConfig, cap: DomainGr
             if sync is not None:
                 sync()
             t0, w0 = time.perf_counter(), reducer.seconds_sync
-            terms = reducer.reduce(cap.sums, cap.counts)
+            terms = reducer.reduce(cap.sums, cap.counts, rows=cap.slot)
             cap.reset()
             p, _ = rnb_mixture(terms["gram"], q, 3.0)
             rounds.append(time.perf_counter() - t0)
@@ -526,7 +527,8 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
         counts = st.token_counts()
         exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
     t_count = time.perf_counter() - t0
-    cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
+    cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind, exact_rows=exact_rows,
+                            slots=st.slots)
     reducer = RoundReducer(_Collectives(), m, cap.dim, cap.sketched_columns())  # one process: no-ops
     K = GPT2["update_every"]
     try:
@@ -598,7 +600,7 @@ def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budge
             dist.all_reduce(counts)
             exact_rows = {next(iter(modules)): frequent_rows(counts, int(k * cfg.sketch_frequent_rows))}
         cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, sketch_kind=cfg.sketch_kind,
-                                exact_rows=exact_rows)
+                                exact_rows=exact_rows, slots=st.slots)
         reducer = RoundReducer(_Collectives(), m, cap.dim, cap.sketched_columns())  # over the gloo group
         r = _interleaved_steps(model, opt, sampler, tok, cfg, cap, reducer, plan.q, m, pairs, update_every,
                                sync=dist.barrier, label=" 2 workers", verbose=rank == 0)

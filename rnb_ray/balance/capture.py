@@ -14,6 +14,12 @@ every output-gradient row of an example belongs to that example's loss, padded/i
 (their Δ rows are zero). When the batch's examples are ordered by domain (``train`` sorts each batch) the
 groups are contiguous slices and nothing is copied; otherwise the rows are gathered once per layer.
 
+Rows of the sums: by default one per domain (row d: domain d). With ``slots=S`` (the trainer passes its
+examples per round, ``batch_size × update_every``) a domain gets the next free row the first time a round
+sees it (``slot``: domain → row, -1 if unseen), so the sums take S × D, not m × D — at 1,000 domains and a
+10-step round of 4 examples, 40 rows instead of 1,000 — and a round's rows are contiguous (``reset`` zeroes
+one block; the round's reduction forms G from them in place). More domains than S in a round grow the rows.
+
 Weight tying: the function returns only this layer's contribution, and autograd adds the other uses of a
 shared weight (e.g. GPT-2's input embedding) into ``.grad`` as usual; the captured sums hold the head's
 contribution only. Biases are not captured (their gradient is computed and returned as usual).
@@ -148,9 +154,9 @@ class _Batch:
     scale: float
     target: str  # "train" | "eval"
     row_perm: torch.Tensor | None  # gathers the rows into domain order (None: already contiguous)
-    segments: list[tuple[int, int, int]]  # (domain or -1 for eval, start, end) over the (permuted) rows
+    segments: list[tuple[int, int, int]]  # (row of the sums or -1 for eval, start, end) over the (permuted) rows
     pos: torch.Tensor | None  # sketch only: positions carrying gradient, ordered by domain
-    pos_segments: list[tuple[int, int, int]]  # sketch only: (domain, start, end) over pos
+    pos_segments: list[tuple[int, int, int]]  # sketch only: (row of the sums, start, end) over pos
     pos_all: bool = False  # sketch only: pos is every row in order (no gather needed)
 
 
@@ -207,7 +213,9 @@ class DomainGradCapture:
 
     def __init__(self, modules: dict[str, nn.Module], num_domains: int, *, sketch_dim: int = 0,
                  seed: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "rowhash",
-                 exact_rows: dict[str, torch.Tensor] | None = None):
+                 exact_rows: dict[str, torch.Tensor] | None = None, slots: int | None = None):
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be >= 1 (rows of the sums a round may fill), got {slots}")
         if sketch_kind not in SKETCH_KINDS:
             raise ValueError(f"unknown sketch kind {sketch_kind!r}: choose from {', '.join(SKETCH_KINDS)}")
         self.num_domains = num_domains
@@ -236,7 +244,13 @@ class DomainGradCapture:
             self.layers.append(_Layer(name, mod, out_f, in_f, transposed, offset, size, sk))
             offset += size
         self.dim = offset
-        self.sums = torch.zeros(num_domains, self.dim, dtype=torch.float32, device=self.device)
+        # Row of the sums each domain adds into: fixed (row d) without ``slots``, else assigned on first sight
+        # in a round (-1: not seen this round).
+        self.slotted = slots is not None
+        self.slot = torch.arange(num_domains) if not self.slotted else torch.full((num_domains,), -1)
+        self.used = 0  # rows assigned this round (slotted)
+        rows = num_domains if slots is None else min(int(slots), num_domains)
+        self.sums = torch.zeros(rows, self.dim, dtype=torch.float32, device=self.device)
         self.counts = torch.zeros(num_domains, dtype=torch.int64)
         self.eval_sum = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         self.eval_count = 0
@@ -340,6 +354,9 @@ class DomainGradCapture:
                 row_perm = (ex_order[:, None] * T + torch.arange(T)[None, :]).reshape(-1).to(self.device)
             ex_doms = doms
             self.counts += torch.bincount(doms, minlength=self.num_domains)[: self.num_domains]
+            if self.slotted:
+                self._assign_slots(doms)
+                segments = [(int(self.slot[d]), s, e) for d, s, e in segments]
         pos, pos_segments = None, []
         if any(layer.sketch is not None for layer in self.layers):
             # Token positions carrying gradient, grouped by domain (example order, then position).
@@ -348,7 +365,7 @@ class DomainGradCapture:
             tok_dom = ex_doms[ex_order][:, None].expand(B, T)[keep]
             d_u, n_tok = torch.unique_consecutive(tok_dom, return_counts=True)
             ends = torch.cumsum(n_tok, 0).tolist()
-            pos_segments = list(zip(d_u.tolist() if target == "train" else [-1] * len(ends),
+            pos_segments = list(zip(self.slot[d_u].tolist() if target == "train" else [-1] * len(ends),
                                     [0, *ends[:-1]], ends, strict=True))
             pos = rows.to(self.device)
             pos_all = bool(keep.all()) and bool((ex_order == torch.arange(B)).all())
@@ -359,6 +376,30 @@ class DomainGradCapture:
 
     def end(self) -> None:
         self._batch = None
+
+    def _assign_slots(self, doms: torch.Tensor) -> None:
+        """Give the batch's domains not yet seen this round the next free rows (growing the sums if needed)."""
+        new = [d for d in torch.unique(doms).tolist() if int(self.slot[d]) < 0]
+        if not new:
+            return
+        need = self.used + len(new)
+        if need > self.sums.shape[0]:  # more domains in this round than announced: grow (rare, costs a copy)
+            rows = min(self.num_domains, max(need, 2 * self.sums.shape[0]))
+            grown = torch.zeros(rows, self.dim, dtype=self.sums.dtype, device=self.device)
+            grown[: self.used] = self.sums[: self.used]
+            self.sums = grown
+        self.slot[torch.tensor(new)] = torch.arange(self.used, need)
+        self.used = need
+
+    def domain_sums(self) -> torch.Tensor:
+        """(m, D) this round's sums by domain (a copy when slotted; the buffer itself otherwise)."""
+        if not self.slotted:
+            return self.sums
+        out = torch.zeros(self.num_domains, self.dim, dtype=self.sums.dtype, device=self.device)
+        seen = torch.nonzero(self.slot >= 0).reshape(-1)
+        if seen.numel():
+            out[seen] = self.sums[self.slot[seen].to(self.device)]
+        return out
 
     def _weight_grad(self, layer: _Layer, batch: _Batch, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The layer's weight gradient (parameter layout), adding its per-domain parts on the way."""
@@ -427,16 +468,27 @@ class DomainGradCapture:
     # ------------------------------------------------------------------ per round
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """(per-domain gradient sums (m, D) float32, example counts (m,)) since the last take; resets."""
-        sums = self.sums.cpu().numpy().copy()
+        sums = self.domain_sums().cpu().numpy().copy()
         counts = self.counts.numpy().copy()
         self.sums.zero_()
         self.counts.zero_()
+        if self.slotted:
+            self.slot.fill_(-1)
+            self.used = 0
         return sums, counts
 
     def reset(self) -> None:
         """Start the next round (after the round's reduction has read ``sums``/``eval_sum`` in place). Only the
         rows of the domains this worker saw hold numbers: zeroing just those keeps a round's cost in the
         domains it touched, not in m (at 64 domains the whole (m, D) buffer is 200 MB)."""
+        if self.slotted:  # the round's rows are the first ``used``: one block
+            self.sums[: self.used].zero_()
+            self.slot.fill_(-1)
+            self.used = 0
+            self.counts.zero_()
+            self.eval_sum.zero_()
+            self.eval_count = 0
+            return
         touched = torch.nonzero(self.counts).reshape(-1)
         if 2 * touched.numel() < self.num_domains:
             for r in touched.tolist():  # row by row: half index_fill_'s time on the CPU

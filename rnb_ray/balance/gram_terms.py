@@ -81,6 +81,9 @@ class DomainEstimates:
         rows = torch.nonzero(ok & (counts > 0)).reshape(-1)
         if rows.numel() == 0:
             return rows, torch.zeros(0, self.block_width, dtype=torch.float64)
+        src = rows if index is None else index[rows].long()
+        if bool(torch.equal(src.sort().values, torch.arange(rows.numel()))):
+            return rows, self._update_in_place(shard, rows, src, counts)
         scale = (1.0 / counts[rows].double()).tolist()
         # The present rows are scaled into a buffer kept across rounds and written back once (a fresh
         # |P| × cols tensor, tens of MB, page-faulted on first touch every round, which cost as much as the
@@ -101,6 +104,29 @@ class DomainEstimates:
         for a, b, is_sketched in self._runs:  # (|P|, 2m): G's block, then T's (the sketched columns alone)
             add_row_products(sk if is_sketched else exact, present[:, a:b], self.est[:, a:b])
         return rows, torch.cat([exact + sk, sk], dim=1).double().cpu()
+
+    def _update_in_place(self, shard: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
+                         counts: torch.Tensor) -> torch.Tensor:
+        """``update_rows`` when the present domains' sums are the first |P| rows of ``shard`` (a slotted capture's
+        round, or the collective's buffer): each is scaled straight into its estimate, and G's block is formed
+        from the unscaled rows and scaled afterwards — no gathered copy of the present rows."""
+        n = rows.numel()
+        scale = 1.0 / counts[rows].double()
+        for r, j, s in zip(rows.tolist(), src.tolist(), scale.tolist(), strict=True):
+            torch.mul(shard[j], s, out=self.est[r])
+        self.seen[rows] = True
+        self.flops += 2 * n * self.m * self.cols
+        block = shard[:n]
+        exact = torch.zeros(n, self.m, dtype=torch.float32, device=self.est.device)
+        if not self.tracks_sketched:
+            add_row_products(exact, block, self.est)
+            out = exact.double().cpu()
+        else:
+            sk = torch.zeros_like(exact)
+            for a, b, is_sketched in self._runs:
+                add_row_products(sk if is_sketched else exact, block[:, a:b], self.est[:, a:b])
+            out = torch.cat([exact + sk, sk], dim=1).double().cpu()
+        return out[src] * scale[:, None]  # shard row j is domain rows[i] where src[i] = j
 
     @property
     def block_width(self) -> int:

@@ -51,8 +51,10 @@ class RoundReducer:
         self.workspace = Workspace()  # the sums' collective buffer, kept across rounds
 
     def reduce(self, sums: torch.Tensor | None, counts: torch.Tensor, eval_sum: torch.Tensor | None = None,
-               eval_count: int = 0, keep_means: bool = False) -> dict[str, Any]:
-        """This round's terms, identical on every worker. ``sums``: (m, D) this worker's sums (read, not kept)."""
+               eval_count: int = 0, keep_means: bool = False, rows: torch.Tensor | None = None) -> dict[str, Any]:
+        """This round's terms, identical on every worker. ``sums``: this worker's sums (read, not kept), row d
+        domain d's, or with ``rows`` (m,) domain d's at row ``rows[d]`` (-1: not seen here; a slotted
+        ``DomainGradCapture``'s ``slot``)."""
         t0 = time.perf_counter()
         rt, m, dev, multi = self.rt, self.m, self.rt.device, self.rt.world > 1
         # Counts first (one small all-reduce): the domains some worker saw are then known everywhere, and only
@@ -65,14 +67,15 @@ class RoundReducer:
         counts_g, eval_n = small[:m].round().long(), int(small[m])
         seen = torch.nonzero(counts_g > 0).reshape(-1)
         shard, index = None, None  # index: domain → its row of ``shard`` (None: the same row)
+        src = None if rows is None else torch.as_tensor(rows).long().cpu()
         if sums is not None:
             if multi:
-                shard = rt.reduce_scatter_cols(sums, seen, self.workspace)
+                shard = rt.reduce_scatter_cols(sums, seen if src is None else src[seen], self.workspace)
                 index = torch.full((m,), -1, dtype=torch.long)
                 index[seen] = torch.arange(seen.numel())
                 self.bytes_collective += shard.numel() * rt.world * shard.element_size()
             else:
-                shard = sums
+                shard, index = sums, src
         eshard = rt.reduce_scatter_cols(eval_sum.reshape(1, -1))[0] if eval_sum is not None else None
         if multi:
             self.bytes_collective += small.numel() * 8 + (eval_sum.numel() * eval_sum.element_size()
@@ -88,7 +91,9 @@ class RoundReducer:
                     bad[seen] = rt.all_reduce(part.to(dev)).cpu()
                     self.bytes_collective += part.numel() * 8
             else:
-                bad = nonfinite_rows(shard, seen)
+                at = seen if index is None else index[seen]
+                bad = torch.zeros(m, dtype=torch.float64)
+                bad[seen] = nonfinite_rows(shard, at)[at]
             ok = bad == 0
         # Plain numpy copies: a view into a torch tensor's storage (with an offset) does not pickle for Ray.
         out: dict[str, Any] = {"counts": counts_g.numpy().copy(), "present": ((counts_g > 0) & ok).numpy().copy()}
@@ -96,8 +101,9 @@ class RoundReducer:
             self.seconds += time.perf_counter() - t0
             return out
         if keep_means:
-            full = shard if index is None else torch.zeros(m, shard.shape[1], dtype=shard.dtype).index_copy_(
-                0, seen, shard.cpu())
+            full = shard if index is None else torch.zeros(m, shard.shape[1], dtype=shard.dtype)
+            if index is not None and seen.numel():
+                full[seen] = shard[index[seen]].cpu()
             self.last_means = full.double().cpu() / counts_g.clamp(min=1).double()[:, None]
             self.last_means[~((counts_g > 0) & ok)] = float("nan")
         rows, block = self.estimates.update_rows(shard, counts_g, ok, index)

@@ -110,9 +110,10 @@ class Workspace:
 
 def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None = None,
                         workspace: Workspace | None = None, method: str | None = None) -> torch.Tensor:
-    """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (the same on every rank:
-    a round sends the domains some worker saw, not all m) — across ranks and keep this rank's ⌈D/W⌉ columns,
-    zero-padded: (len(rows) or m, ⌈D/W⌉). ``x`` is not modified. A ``workspace`` holds the collective's buffer
+    """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (as many on every rank:
+    a round sends the domains some worker saw, not all m; a row -1 stands for zeros: a domain this rank did not
+    see) — across ranks and keep this rank's ⌈D/W⌉ columns, zero-padded: (len(rows) or m, ⌈D/W⌉). ``x`` is not
+    modified. A ``workspace`` holds the collective's buffer
     across calls; on CPU the result is a view into it, valid until the workspace's next use.
 
     On GPU (nccl) this is a reduce-scatter. On CPU (gloo) the chosen rows are gathered into one buffer, all-reduced
@@ -120,21 +121,24 @@ def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None =
     took 284 ms for 29 rows × 786 k floats between 2 processes here, the row gather and all-reduce 132 ms
     (``benchmarks/results/balance_overhead_gpt2.json``, "collective_paths"). ``method`` ("all_reduce" or
     "reduce_scatter") overrides the choice by device (for that comparison and the tests)."""
-    if world == 1:
+    if world == 1 and (rows is None or bool((rows >= 0).all())):
         return x if rows is None else x.index_select(0, rows.to(x.device))
     m, D = x.shape
     idx = torch.arange(m, device=x.device) if rows is None else rows.to(x.device)
     n, c = int(idx.numel()), -(-D // world)
+    if world == 1:
+        return _gather_rows(x, idx, torch.empty(n, D, dtype=x.dtype, device=x.device))
     ws = workspace or Workspace()
     method = method or ("all_reduce" if x.device.type == "cpu" else "reduce_scatter")
     if method not in ("all_reduce", "reduce_scatter"):
         raise ValueError(f"unknown method {method!r}: all_reduce or reduce_scatter")
+    full = bool((idx >= 0).all())
     if method == "all_reduce":
         buf = ws.take((n, c * world), x.dtype, x.device)
-        if c * world == D:
+        if c * world == D and full:
             torch.index_select(x, 0, idx, out=buf)
         else:  # zero-padded to W·c columns, so every rank's view has c of them
-            buf[:, :D] = x.index_select(0, idx)
+            _gather_rows(x, idx, buf[:, :D])
             buf[:, D:] = 0
         if n:
             dist.all_reduce(buf)
@@ -145,14 +149,24 @@ def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None =
     send = ws.take((world, n, c), x.dtype, x.device)
     for w in range(world):
         a, b = min(w * c, D), min((w + 1) * c, D)
-        if b - a == c:
+        if b - a == c and full:
             torch.index_select(x[:, a:b], 0, idx, out=send[w])
         else:  # the last rank's columns are fewer: zero-padded
-            send[w, :, : b - a] = x[:, a:b].index_select(0, idx)
+            _gather_rows(x[:, a:b], idx, send[w, :, : b - a])
             send[w, :, b - a:] = 0
     out = torch.empty(n, c, dtype=x.dtype, device=x.device)
     if n:
         dist.reduce_scatter_tensor(out.view(-1), send.view(-1))
+    return out
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = x[idx[i]], or zeros where idx[i] is -1 (row by row: no gathered temporary)."""
+    for i, r in enumerate(idx.tolist()):
+        if r < 0:
+            out[i].zero_()
+        else:
+            out[i].copy_(x[r])
     return out
 
 

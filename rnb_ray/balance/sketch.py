@@ -203,39 +203,45 @@ class CaptureChoice:
     budget_bytes: int
     reason: str
     kind: str = "rowhash"
+    slots: int | None = None  # rows of the sums a round fills (None: one per domain)
 
     def as_dict(self) -> dict:
         return {"mode": "sketch" if self.sketch_dim else "exact", "kind": self.kind if self.sketch_dim else None,
                 "sketch_dim": self.sketch_dim, "numbers_per_domain": self.numbers_per_domain,
-                "bytes_per_worker": self.bytes_per_worker, "budget_mb": self.budget_bytes / 2**20, "reason": self.reason}
+                "bytes_per_worker": self.bytes_per_worker, "budget_mb": self.budget_bytes / 2**20,
+                "sum_rows": self.slots, "reason": self.reason}
 
 
 def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_bytes: int,
-                   requested: int = -1, kind: str = "rowhash") -> CaptureChoice:
+                   requested: int = -1, kind: str = "rowhash", slots: int | None = None) -> CaptureChoice:
     """Exact capture when the per-domain state fits the budget, else the largest power-of-two sketch of
     ``kind`` that fits (row hash: ≤ ``AUTO_MAX_BUCKETS`` buckets; Gaussian: ≤ ``AUTO_MAX_SKETCH`` numbers a
     layer; never below the minimum, even over budget); ``requested`` ≥ 0 (``--sketch-dim``) overrides (0: exact).
 
-    A worker holds the m × D sums it accumulates over a round and its 1/W of the m × D estimates (the
-    reduce-scatter's output), both float32, and with several workers the buffer the round's collective fills,
-    kept across rounds (the rows of the domains seen in a round, at most m): 4·m·D·(1 + 1/W) bytes with one
-    worker, 4·m·D·(2 + 1/W) with more. The collectives move at most 4·m·D a round (only the seen rows travel)."""
+    A worker holds the sums it accumulates over a round — S × D with ``slots`` = S (the rows a round may fill: a
+    slotted ``DomainGradCapture``), else m × D — and its 1/W of the m × D estimates (the reduce-scatter's
+    output), all float32, and with several workers the buffer the round's collective fills, kept across rounds
+    (the rows of the domains some worker saw, at most min(m, W·S)): 4·D·(S + m/W) bytes with one worker,
+    4·D·(S + m/W + min(m, W·S)) with more (without slots: 4·m·D·(2 + 1/W)). The collectives move at most
+    4·D·min(m, W·S) a round (only the seen rows travel)."""
     if kind not in SKETCH_KINDS:
         raise ValueError(f"unknown sketch kind {kind!r}: choose from {', '.join(SKETCH_KINDS)}")
-    per = 1.0 + 1.0 / world + (1.0 if world > 1 else 0.0)
+    rows = m if slots is None else min(m, max(1, int(slots)))
+    sum_rows = None if slots is None else rows
+    per = rows + m / world + (min(m, world * rows) if world > 1 else 0)
 
     def nbytes(d: int) -> int:
-        return int(4 * m * d * per)
+        return int(4 * d * per)
 
     exact = sum(o * i for o, i in shapes)
     if requested == 0:
-        return CaptureChoice(0, exact, nbytes(exact), budget_bytes, "--sketch-dim 0: exact", kind)
+        return CaptureChoice(0, exact, nbytes(exact), budget_bytes, "--sketch-dim 0: exact", kind, sum_rows)
     if requested > 0:
         d = sum(layer_dims(shapes, kind, requested))
-        return CaptureChoice(requested, d, nbytes(d), budget_bytes, f"--sketch-dim {requested} ({kind})", kind)
+        return CaptureChoice(requested, d, nbytes(d), budget_bytes, f"--sketch-dim {requested} ({kind})", kind, sum_rows)
     if nbytes(exact) <= budget_bytes:
         return CaptureChoice(0, exact, nbytes(exact), budget_bytes,
-                             f"exact sums ({nbytes(exact) / 2**20:.1f} MB) fit the budget", kind)
+                             f"exact sums ({nbytes(exact) / 2**20:.1f} MB) fit the budget", kind, sum_rows)
     hi, lo = (AUTO_MAX_BUCKETS, AUTO_MIN_BUCKETS) if kind == "rowhash" else (AUTO_MAX_SKETCH, AUTO_MIN_SKETCH)
     k = hi
     while k > lo and nbytes(sum(layer_dims(shapes, kind, k))) > budget_bytes:
@@ -244,4 +250,4 @@ def choose_capture(shapes: list[tuple[int, int]], m: int, world: int, budget_byt
     what = f"{kind} sketch, {k} buckets" if kind == "rowhash" else f"{kind} sketch {k}"
     return CaptureChoice(k, d, nbytes(d), budget_bytes,
                          f"exact sums ({nbytes(exact) / 2**20:.1f} MB) exceed the budget: {what} "
-                         f"({nbytes(d) / 2**20:.1f} MB)", kind)
+                         f"({nbytes(d) / 2**20:.1f} MB)", kind, sum_rows)

@@ -132,8 +132,10 @@ class Trainer:
             raise RnbError(f"bad --capture {cfg.capture!r}: {e}", where="--capture",
                            fix="use head, last_block, head+last_block or linear module names") from e
         shapes = layer_shapes(modules)
+        # A round adds into the rows of the domains it sees, at most batch_size × update_every of them per worker.
+        slots = min(m, cfg.batch_size * cfg.update_every)
         self.choice = choose_capture(shapes, m, self.rt.world, int(cfg.capture_budget_mb * 2**20), cfg.sketch_dim,
-                                     cfg.sketch_kind)
+                                     cfg.sketch_kind, slots=slots)
         k = self.choice.sketch_dim
         exact_rows: dict[str, torch.Tensor] = {}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -150,7 +152,7 @@ class Trainer:
         if self.rt.rank == 0 and self.needs.train_grads:
             log.info("per-domain gradients: %s", self.choice.reason)
         cap = DomainGradCapture(modules, m, sketch_dim=k, seed=cfg.seed, device=self.rt.device,
-                                sketch_kind=cfg.sketch_kind, exact_rows=exact_rows)
+                                sketch_kind=cfg.sketch_kind, exact_rows=exact_rows, slots=slots)
         self.sketch_dims = cap.effective_dims()
         return cap
 
@@ -243,7 +245,7 @@ class Trainer:
             dump = needs.train_grads and self.round < self.cfg.debug_dump_rounds
             r0, w0 = self.reducer.seconds, self.reducer.seconds_sync
             terms = self.reducer.reduce(cap.sums if needs.train_grads else None, cap.counts, eval_sum, eval_n,
-                                        keep_means=dump)
+                                        keep_means=dump, rows=cap.slot)
             cap.reset()
             if not needs.train_grads:
                 terms["counts"] = np.zeros(m, dtype=np.int64)

@@ -60,7 +60,7 @@ def _captured_means(model, modules, ids, mask, domains, m, **kw):
 def test_capture_equals_per_domain_autograd(model, spec):
     ids, mask, domains = _batch()
     modules = find_capture_modules(model, spec)
-    means, counts, _ = _captured_means(model, modules, ids, mask, domains, 3)
+    means, counts, _ = _captured_means(model, modules, ids, mask, domains, 3, slots=3 if spec == "head" else None)
     assert counts.tolist() == [3, 1, 3]
     expected = _autograd_domain_means(model, modules, ids, mask, domains, 3)
     torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-5)
@@ -69,14 +69,16 @@ def test_capture_equals_per_domain_autograd(model, spec):
 
 @pytest.mark.parametrize("kind", ["gaussian", "rowhash"])
 @pytest.mark.parametrize("padded", [True, False])
-def test_sketched_capture_equals_sketch_of_autograd(model, kind, padded):
+@pytest.mark.parametrize("slots", [None, 2])  # sums by domain, or in the rows of the domains seen (grown to 3)
+def test_sketched_capture_equals_sketch_of_autograd(model, kind, padded, slots):
     ids, mask, domains = _batch(1)
     if not padded:  # every position carries gradient and the batch is domain-sorted: the row hash skips its gather
         mask = torch.ones_like(mask)
         ids = torch.randint(1, VOCAB, ids.shape, generator=torch.Generator().manual_seed(3))
         domains = torch.sort(domains).values
     modules = find_capture_modules(model, "head")
-    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=64, seed=5, sketch_kind=kind)
+    means, _, cap = _captured_means(model, modules, ids, mask, domains, 3, sketch_dim=64, seed=5, sketch_kind=kind,
+                                    slots=slots)
     exact = _autograd_domain_means(model, modules, ids, mask, domains, 3)
     sk = cap.layers[0].sketch
     if kind == "rowhash":
@@ -407,3 +409,39 @@ def test_reset_starts_the_next_round_from_zero(model, m):
     assert torch.count_nonzero(sums[[d for d in range(m) if d != 1]]) == 0  # nothing left from round 1
     want, _, _ = _captured_means(model, modules, ids, mask, second, m)
     torch.testing.assert_close(sums[1] / 7, want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slots", [1, 8])  # fewer rows than the round's domains (they grow), or room to spare
+def test_slotted_capture_holds_the_same_sums_in_the_rows_of_the_domains_seen(model, slots):
+    """With ``slots`` a domain adds into the next free row the first time a round sees it: over two micro-batches
+    the rows hold the by-domain capture's sums, ``take()`` returns them by domain, and ``reset`` frees the rows."""
+    a = _padded_batch(5, [3, 1, 1, 3], [12, 6, 3, 9])
+    b = _padded_batch(6, [0, 3, 3, 1], [4, 12, 12, 7])
+    modules = find_capture_modules(model, "head")
+    results = []
+    for kw in ({}, {"slots": slots}):
+        cap = DomainGradCapture(modules, 5, **kw)
+        try:
+            for ids, mask, doms in (a, b):
+                cap.begin(doms, grad_token_mask(mask), scale=len(ids))
+                _loss(model, ids, mask).mean().backward()
+                cap.end()
+                model.zero_grad()
+            rows, slot = cap.sums.clone(), cap.slot.clone()
+            results.append((cap.take(), rows, slot))
+            after = (cap.used, cap.slot.clone(), torch.count_nonzero(cap.sums))
+        finally:
+            cap.remove()
+            model.zero_grad()
+    (want, counts), by_domain, identity = results[0]
+    (got, got_counts), rows, slot = results[1]
+    assert torch.equal(identity, torch.arange(5))
+    assert slot.tolist() == [2, 0, -1, 1, -1]  # first sight: 1 and 3 in the first batch, 0 in the second
+    assert rows.shape[0] == (4 if slots == 1 else 5)  # 1 row grown (doubling) for the 3 domains seen; at most m
+    np.testing.assert_array_equal(got_counts, counts)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for d in (0, 1, 3):
+        torch.testing.assert_close(rows[slot[d]], by_domain[d], rtol=1e-6, atol=1e-7)
+    assert after[0] == 0 and bool((after[1] == -1).all()) and after[2] == 0
+    with pytest.raises(ValueError, match="slots"):
+        DomainGradCapture(modules, 5, slots=0)

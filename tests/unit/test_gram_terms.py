@@ -96,6 +96,15 @@ def test_capture_choice_from_the_budget():
     two = choose_capture(head, m=64, world=2, budget_bytes=450 * 2**20)  # 480 MB on each of two: 512 buckets
     assert one.sketch_dim == AUTO_MAX_BUCKETS and one.bytes_per_worker == 4 * 64 * AUTO_MAX_BUCKETS * 768 * 2
     assert two.sketch_dim == AUTO_MAX_BUCKETS // 2 and two.bytes_per_worker == int(4 * 64 * 512 * 768 * 2.5)
+    # A slotted capture holds only the rows a round fills (S = batch × update_every): at 1,000 domains on 8 workers
+    # the sums (1,000 rows), the collective's buffer (1,000) and the estimates' share (125) forced the 64-bucket
+    # floor; with S = 40 the buffer is min(m, W·S) = 320 rows and 256 buckets fit.
+    wide = choose_capture(head, m=1000, world=8, budget_bytes=512 * 2**20)
+    slotted = choose_capture(head, m=1000, world=8, budget_bytes=512 * 2**20, slots=40)
+    assert wide.sketch_dim == 64 and slotted.sketch_dim == 256 and slotted.as_dict()["sum_rows"] == 40
+    assert slotted.bytes_per_worker == 4 * 256 * 768 * (40 + 125 + 320) <= 512 * 2**20
+    assert choose_capture(head, m=64, world=2, budget_bytes=450 * 2**20, slots=10**6).bytes_per_worker == \
+        two.bytes_per_worker  # slots beyond m: as many rows as domains
     assert gpt2.as_dict()["mode"] == "sketch" and gpt2.as_dict()["kind"] == "rowhash"
     assert small.as_dict()["mode"] == "exact"
     with pytest.raises(ValueError, match="unknown sketch kind"):

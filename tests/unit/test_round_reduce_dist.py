@@ -57,10 +57,25 @@ def _inputs(rank: int, rnd: int):
     return sums, counts, torch.randn(D, generator=g), 2
 
 
-def _run(reducer: RoundReducer, parts: list) -> list[dict]:
+def _slotted(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums as a slotted capture holds them: the domains seen here in rows 0, 1, … (in reverse domain
+    order, so rows are not domain order), ``rows[d]`` = d's row or -1, and one spare row of garbage after them
+    (rows past the round's are never read)."""
+    seen = torch.nonzero(counts > 0).reshape(-1).flip(0)
+    rows = torch.full((M,), -1, dtype=torch.long)
+    rows[seen] = torch.arange(seen.numel())
+    compact = torch.cat([sums[seen], torch.full((1, D), 1e6)])
+    return compact, rows
+
+
+def _run(reducer: RoundReducer, parts: list, slotted: bool = False) -> list[dict]:
     out = []
     for sums, counts, ev, n in parts:
-        terms = reducer.reduce(sums, counts, ev, n, keep_means=True)
+        if slotted:
+            compact, rows = _slotted(sums, counts)
+            terms = reducer.reduce(compact, counts, ev, n, keep_means=True, rows=rows)
+        else:
+            terms = reducer.reduce(sums, counts, ev, n, keep_means=True)
         terms["means"] = reducer.full_means()
         pickle.loads(pickle.dumps(terms, protocol=5))  # what Ray does with the payload
         out.append(terms)
@@ -72,6 +87,8 @@ def _worker(rank: int, port: int, q, sketched) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         res = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, sketched), [_inputs(rank, r) for r in range(3)])
+        slotted = _run(RoundReducer(_GlooRuntime(rank, 2), M, D, sketched), [_inputs(rank, r) for r in range(3)],
+                       slotted=True)
         # Only the chosen rows travel: this rank's zero-padded columns of their sums over both workers; with an
         # even D, its columns without padding. The input is left as it was (CPU: all-reduced in a copy).
         x = _inputs(rank, 0)[0]
@@ -81,6 +98,11 @@ def _worker(rank: int, port: int, q, sketched) -> None:
         res.append(even)
         res.append([reduce_scatter_cols(x, 2, rows=ROWS, method=how).numpy().copy()  # both paths, on gloo
                     for how in ("all_reduce", "reduce_scatter")])
+        # A row -1 is a domain this rank did not see: zeros from it (rank 0 sends row 0 and zeros, rank 1 rows 0, 2).
+        mixed = torch.tensor([0, -1]) if rank == 0 else ROWS
+        res.append([reduce_scatter_cols(x, 2, rows=mixed, method=how).numpy().copy()
+                    for how in ("all_reduce", "reduce_scatter")])
+        res.append(slotted)
         q.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -118,14 +140,22 @@ def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
         union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
     single = _run(RoundReducer(_Single(), M, D, sketched), union)
     both = np.pad((_inputs(0, 0)[0] + _inputs(1, 0)[0])[ROWS].numpy(), ((0, 0), (0, 1)))  # D = 11 → 2 × 6 columns
+    mixed = np.pad(torch.stack([_inputs(0, 0)[0][0] + _inputs(1, 0)[0][0], _inputs(1, 0)[0][2]]).numpy(),
+                   ((0, 0), (0, 1)))
+    slotted = {rank: results[rank].pop() for rank in (0, 1)}
+    for rank in (0, 1):
+        for got in results[rank].pop():
+            np.testing.assert_allclose(got, mixed[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
     for rank in (0, 1):
         for got in results[rank].pop():
             np.testing.assert_allclose(got, both[:, 6 * rank:6 * (rank + 1)], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(results[rank].pop(), both[:, 5 * rank:5 * (rank + 1)], rtol=1e-6, atol=1e-6)
         assert results[rank].pop(), "reduce_scatter_cols changed its input"
     for r in range(3):
-        for rank in (0, 1):  # every worker holds the same terms, equal to one process on the union
-            got, want = results[rank][r], single[r]
+        # every worker holds the same terms, equal to one process on the union, whether the sums come by domain
+        # or in a slotted capture's rows
+        for got in (results[0][r], results[1][r], slotted[0][r], slotted[1][r]):
+            want = single[r]
             assert got["counts"].tolist() == want["counts"].tolist()
             assert got["present"].tolist() == want["present"].tolist()
             np.testing.assert_allclose(got["gram"], want["gram"], rtol=1e-5, atol=1e-6)
@@ -145,3 +175,20 @@ def test_two_gloo_workers_equal_one_process_on_the_union(sketched):
         assert not single[r]["present"][r % M] and single[r]["present"][(r + 1) % M]
     assert single[2]["counts"][0] > 0 and not single[2]["present"][0]  # the NaN round: seen, but not used
     assert not results[0][2]["present"][0] and np.isfinite(results[0][2]["gram"]).all()
+
+
+def test_slotted_sums_give_the_same_terms_in_one_process():
+    """One worker: the sums in a slotted capture's rows (rows -1 for unseen domains, a garbage row past the round's)
+    give the terms of the same sums by domain, round after round — the present rows formed in place when they
+    are the round's first rows, the gathered path when a non-finite domain is left out."""
+    union = []
+    for r in range(3):
+        a, b = _inputs(0, r), _inputs(1, r)
+        union.append((a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]))
+    by_domain = _run(RoundReducer(_Single(), M, D, SKETCHED), union)
+    slotted = _run(RoundReducer(_Single(), M, D, SKETCHED), union, slotted=True)
+    for got, want in zip(slotted, by_domain, strict=True):
+        assert got["present"].tolist() == want["present"].tolist()
+        for key in ("gram", "gram_sketched", "eval_align", "means"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert not slotted[2]["present"][0] and slotted[2]["counts"][0] > 0  # the NaN domain: seen, not used
