@@ -472,25 +472,23 @@ class DomainGradCapture:
         counts = self.counts.numpy().copy()
         self.sums.zero_()
         self.counts.zero_()
+        self._free_slots()
+        return sums, counts
+
+    def _free_slots(self) -> None:
         if self.slotted:
             self.slot.fill_(-1)
             self.used = 0
-        return sums, counts
 
     def reset(self) -> None:
         """Start the next round (after the round's reduction has read ``sums``/``eval_sum`` in place). Only the
         rows of the domains this worker saw hold numbers: zeroing just those keeps a round's cost in the
         domains it touched, not in m (at 64 domains the whole (m, D) buffer is 200 MB)."""
+        touched = torch.nonzero(self.counts).reshape(-1)
         if self.slotted:  # the round's rows are the first ``used``: one block
             self.sums[: self.used].zero_()
-            self.slot.fill_(-1)
-            self.used = 0
-            self.counts.zero_()
-            self.eval_sum.zero_()
-            self.eval_count = 0
-            return
-        touched = torch.nonzero(self.counts).reshape(-1)
-        if 2 * touched.numel() < self.num_domains:
+            self._free_slots()
+        elif 2 * touched.numel() < self.num_domains:
             for r in touched.tolist():  # row by row: half index_fill_'s time on the CPU
                 self.sums[r].zero_()
         else:

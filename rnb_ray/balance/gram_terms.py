@@ -81,52 +81,39 @@ class DomainEstimates:
         rows = torch.nonzero(ok & (counts > 0)).reshape(-1)
         if rows.numel() == 0:
             return rows, torch.zeros(0, self.block_width, dtype=torch.float64)
-        src = rows if index is None else index[rows].long()
-        if bool(torch.equal(src.sort().values, torch.arange(rows.numel()))):
-            return rows, self._update_in_place(shard, rows, src, counts)
-        scale = (1.0 / counts[rows].double()).tolist()
-        # The present rows are scaled into a buffer kept across rounds and written back once (a fresh
-        # |P| × cols tensor, tens of MB, page-faulted on first touch every round, which cost as much as the
-        # copy). Row by row: one pass each, about twice as fast as index_select + mul_ + index_copy_ here.
-        if self._present.shape[0] < rows.numel() or self._present.device != shard.device:
-            self._present = torch.empty(rows.numel(), self.cols, dtype=torch.float32, device=shard.device)
-        present = self._present[: rows.numel()]
-        for i, r in enumerate(rows.tolist()):
-            torch.mul(shard[r if index is None else int(index[r])], scale[i], out=present[i])
-            self.est[r].copy_(present[i])
-        self.seen[rows] = True
-        self.flops += 2 * rows.numel() * self.m * self.cols
-        exact = torch.zeros(rows.numel(), self.m, dtype=torch.float32, device=self.est.device)
-        if not self.tracks_sketched:
-            add_row_products(exact, present, self.est)  # float32 GEMM (BLAS-blocked sums)
-            return rows, exact.double().cpu()
-        sk = torch.zeros_like(exact)
-        for a, b, is_sketched in self._runs:  # (|P|, 2m): G's block, then T's (the sketched columns alone)
-            add_row_products(sk if is_sketched else exact, present[:, a:b], self.est[:, a:b])
-        return rows, torch.cat([exact + sk, sk], dim=1).double().cpu()
-
-    def _update_in_place(self, shard: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
-                         counts: torch.Tensor) -> torch.Tensor:
-        """``update_rows`` when the present domains' sums are the first |P| rows of ``shard`` (a slotted capture's
-        round, or the collective's buffer): each is scaled straight into its estimate, and G's block is formed
-        from the unscaled rows and scaled afterwards — no gathered copy of the present rows."""
         n = rows.numel()
-        scale = 1.0 / counts[rows].double()
-        for r, j, s in zip(rows.tolist(), src.tolist(), scale.tolist(), strict=True):
-            torch.mul(shard[j], s, out=self.est[r])
+        src = (rows if index is None else index[rows].long()).tolist()  # each present domain's row of ``shard``
+        scale = (1.0 / counts[rows].double()).tolist()
         self.seen[rows] = True
         self.flops += 2 * n * self.m * self.cols
-        block = shard[:n]
-        exact = torch.zeros(n, self.m, dtype=torch.float32, device=self.est.device)
+        if sorted(src) == list(range(n)):
+            # The present domains' sums are the first |P| rows of ``shard`` (a slotted capture's round, or the
+            # collective's buffer): each is scaled straight into its estimate, and G's block is formed from the
+            # unscaled rows and scaled afterwards — no gathered copy.
+            for r, j, sc in zip(rows.tolist(), src, scale, strict=True):
+                torch.mul(shard[j], sc, out=self.est[r])
+            return rows, self._row_products(shard[:n])[src] * torch.tensor(scale, dtype=torch.float64)[:, None]
+        # Otherwise the present rows are scaled into a buffer kept across rounds and written back once (a fresh
+        # |P| × cols tensor, tens of MB, page-faulted on first touch every round, which cost as much as the
+        # copy). Row by row: one pass each, about twice as fast as index_select + mul_ + index_copy_ here.
+        if self._present.shape[0] < n or self._present.device != shard.device:
+            self._present = torch.empty(n, self.cols, dtype=torch.float32, device=shard.device)
+        present = self._present[:n]
+        for i, (r, j, sc) in enumerate(zip(rows.tolist(), src, scale, strict=True)):
+            torch.mul(shard[j], sc, out=present[i])
+            self.est[r].copy_(present[i])
+        return rows, self._row_products(present)
+
+    def _row_products(self, a: torch.Tensor) -> torch.Tensor:
+        """(n, block_width) float64 on these columns: a·estᵀ (float32 GEMMs, BLAS-blocked sums), then, when the
+        sketched columns' Gram is tracked, the same over those columns alone."""
+        exact = torch.zeros(a.shape[0], self.m, dtype=torch.float32, device=self.est.device)
         if not self.tracks_sketched:
-            add_row_products(exact, block, self.est)
-            out = exact.double().cpu()
-        else:
-            sk = torch.zeros_like(exact)
-            for a, b, is_sketched in self._runs:
-                add_row_products(sk if is_sketched else exact, block[:, a:b], self.est[:, a:b])
-            out = torch.cat([exact + sk, sk], dim=1).double().cpu()
-        return out[src] * scale[:, None]  # shard row j is domain rows[i] where src[i] = j
+            return add_row_products(exact, a, self.est).double().cpu()
+        sk = torch.zeros_like(exact)
+        for lo, hi, is_sketched in self._runs:  # (|P|, 2m): G's block, then T's (the sketched columns alone)
+            add_row_products(sk if is_sketched else exact, a[:, lo:hi], self.est[:, lo:hi])
+        return torch.cat([exact + sk, sk], dim=1).double().cpu()
 
     @property
     def block_width(self) -> int:

@@ -102,8 +102,9 @@ class RoundReducer:
             self.seconds += time.perf_counter() - t0
             return out
         if keep_means:
-            full = shard if index is None else torch.zeros(m, shard.shape[1], dtype=shard.dtype)
-            if index is not None and seen.numel():
+            full = shard
+            if index is not None:  # by domain; rows of domains no worker saw stay zero
+                full = torch.zeros(m, shard.shape[1], dtype=shard.dtype)
                 full[seen] = shard[index[seen]].cpu()
             self.last_means = full.double().cpu() / counts_g.clamp(min=1).double()[:, None]
             self.last_means[~((counts_g > 0) & ok)] = float("nan")
